@@ -1,0 +1,42 @@
+# Two commands for a newcomer: `make train` (set up, then the default run) and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build by default; on a GPU machine: make setup TORCH=torch==2.13.0
+TORCH ?= torch==2.13.0+cpu
+BIN := $(VENV)/bin
+APT_PACKAGES := dataset-fashion-mnist prometheus
+
+.PHONY: setup system train smoke test lint format clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
+	touch $@
+
+# Debian packages: Fashion-MNIST for the default run, Prometheus for the metrics tests.
+system:
+	@bash launch/install_system_packages.sh $(APT_PACKAGES)
+
+train: setup system
+	$(BIN)/sagan train
+
+smoke: setup
+	$(BIN)/sagan train configs/smoke.yaml
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: setup system lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,127 @@
+"""Images/s streamed and decoded by one rank's ShardStream: local disk vs a local S3 server (moto).
+
+    .venv/bin/python benchmarks/stream_bench.py                    # Fashion-MNIST 32x32, 0 and 2 workers
+    .venv/bin/python benchmarks/stream_bench.py --shard-size 8MB --batches 100
+    AWS_ENDPOINT_URL=... .venv/bin/python benchmarks/stream_bench.py --bucket my-bench-bucket   # real S3
+
+Fashion-MNIST is prepared once into a temporary folder and copied into the bucket (a moto server on
+127.0.0.1 started here unless --bucket names an existing one). Each row streams whole batches after a
+one-batch warm-up (DataLoader workers started, first block read), as the trainer would consume them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from data_pipeline.manifest import MANIFEST_NAME, read_manifest
+from data_pipeline.prepare import parse_size, prepare
+from data_pipeline.storage import open_store
+from data_pipeline.stream import DataConfig, ShardStream
+
+
+@contextmanager
+def moto_server():
+    """A moto S3 server subprocess on 127.0.0.1; sets the AWS variables to point at it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(sys.executable).parent / "moto_server"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "moto.server"]
+    process = subprocess.Popen(
+        [*command, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SystemExit(f"moto_server did not start on {endpoint}") from None
+                time.sleep(0.1)
+        os.environ.update(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_REGION="us-east-1",
+        )
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def copy_dataset(source: str, target: str) -> None:
+    src, dst = open_store(source), open_store(target)
+    for shard in read_manifest(source).shards:
+        dst.upload_file(shard.name, Path(source) / shard.name)
+    dst.write_bytes(MANIFEST_NAME, src.read_bytes(MANIFEST_NAME))
+
+
+def measure(url: str, num_workers: int, batch_size: int, batches: int | None) -> tuple[float, int]:
+    cfg = DataConfig(url=url, prepare_source="", num_workers=num_workers)
+    stream = ShardStream(cfg, rank=0, world_size=1, batch_size=batch_size, seed=0, resolution=32)
+    count = batches or stream.batches_remaining()
+    iterator = iter(stream)
+    next(iterator)  # warm-up
+    started = time.perf_counter()
+    for images, _ in itertools.islice(iterator, count - 1):
+        assert images.shape[0] == batch_size
+    return (count - 1) * batch_size / (time.perf_counter() - started), count - 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default="fashion-mnist")
+    parser.add_argument("--shard-size", default="64MB")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=None, help="per row (default: one epoch)")
+    parser.add_argument("--workers", default="0,2")
+    parser.add_argument(
+        "--bucket", default=None, help="an existing bucket (AWS variables set) instead of moto"
+    )
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmp:
+        local = str(Path(tmp) / "data")
+        summary = prepare(
+            args.source, local, image_size=32, shard_size=parse_size(args.shard_size), progress=False
+        )
+        print(summary)
+        with moto_server() if args.bucket is None else nullcontext():
+            bucket = args.bucket
+            if bucket is None:
+                bucket = f"bench-{uuid.uuid4().hex[:8]}"
+                import boto3
+
+                boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=bucket)
+            remote = f"s3://{bucket}/stream-bench-{uuid.uuid4().hex[:8]}"
+            copy_dataset(local, remote)
+            print(
+                f"batch {args.batch_size}, resolution 32, {os.cpu_count()} CPUs, shard size {args.shard_size}"
+            )
+            print(f"{'source':<8} {'workers':>7} {'batches':>8} {'images/s':>10}")
+            for name, url in (("disk", local), ("s3", remote)):
+                for workers in (int(w) for w in args.workers.split(",")):
+                    rate, count = measure(url, workers, args.batch_size, args.batches)
+                    print(f"{name:<8} {workers:>7} {count:>8} {rate:>10.0f}", flush=True)
+            if args.bucket is not None:
+                store = open_store(remote)
+                store.delete(store.list())
+
+
+if __name__ == "__main__":
+    main()

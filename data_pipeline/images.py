@@ -1,0 +1,41 @@
+"""How images become square RGB samples: fitting, PNG encoding, decoding."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+RESAMPLE = Image.Resampling.LANCZOS
+
+
+def fit_square(image: Image.Image, size: int) -> Image.Image:
+    """RGB, centre-cropped to a square, resized to ``size`` x ``size`` with a Lanczos filter."""
+    image = image.convert("RGB")
+    width, height = image.size
+    if width != height:
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (size, size):
+        image = image.resize((size, size), RESAMPLE)
+    return image
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode any format Pillow reads into RGB; raises on undecodable bytes (any exception type)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8."""
+    return np.asarray(image, dtype=np.uint8)

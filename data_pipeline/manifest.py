@@ -1,0 +1,164 @@
+"""The dataset manifest: one Parquet row per shard, dataset facts in the table metadata.
+
+Shards are named relative to the manifest's folder, so a prepared dataset can be copied or moved
+(local dir <-> bucket) as a whole. Writing the manifest is the commit point of ``prepare``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipeline.errors import DataError, ObjectNotFound
+from data_pipeline.storage import open_store
+
+MANIFEST_NAME = "manifest.parquet"
+FORMAT_VERSION = 1
+
+_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("num_samples", pa.int64(), nullable=False),
+        pa.field("num_bytes", pa.int64(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("class_counts", pa.list_(pa.int64()), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str  # relative to the dataset folder
+    num_samples: int
+    num_bytes: int
+    sha256: str
+    class_counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    url: str  # the dataset folder holding manifest.parquet and the shards
+    shards: list[ShardInfo]
+    num_classes: int
+    image_size: int
+    num_samples: int
+    source: str = ""
+    classes: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def shard_url(self, index: int) -> str:
+        return f"{self.url.rstrip('/')}/{self.shards[index].name}"
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the sample sequence: same shards with the same counts in the same order."""
+        text = "\n".join(f"{s.name} {s.num_samples}" for s in self.shards)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _dataset_url(url: str) -> str:
+    if not url.endswith(MANIFEST_NAME):
+        return url
+    return url[: -len(MANIFEST_NAME)].rstrip("/") or "."
+
+
+def write_manifest(
+    url: str,
+    shards: list[ShardInfo],
+    *,
+    image_size: int,
+    num_classes: int,
+    source: str = "",
+    classes: list[str] | None = None,
+) -> Manifest:
+    """Write ``manifest.parquet`` into the dataset folder ``url`` (atomically) and return it."""
+    table = pa.Table.from_pylist(
+        [
+            {
+                "shard": s.name,
+                "num_samples": s.num_samples,
+                "num_bytes": s.num_bytes,
+                "sha256": s.sha256,
+                "class_counts": list(s.class_counts),
+            }
+            for s in shards
+        ],
+        schema=_SCHEMA,
+    )
+    num_samples = sum(s.num_samples for s in shards)
+    metadata = {
+        "format_version": str(FORMAT_VERSION),
+        "image_size": str(image_size),
+        "num_classes": str(num_classes),
+        "num_samples": str(num_samples),
+        "source": source,
+        "classes": json.dumps(classes or []),
+    }
+    table = table.replace_schema_metadata({f"sagan.{k}": v for k, v in metadata.items()})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    folder = _dataset_url(url)
+    open_store(folder).write_bytes(MANIFEST_NAME, buffer.getvalue())
+    return Manifest(
+        url=folder,
+        shards=list(shards),
+        num_classes=num_classes,
+        image_size=image_size,
+        num_samples=num_samples,
+        source=source,
+        classes=list(classes or []),
+    )
+
+
+def read_manifest(url: str) -> Manifest:
+    """Read the manifest of the dataset folder ``url`` (or of ``url`` naming manifest.parquet itself)."""
+    folder = _dataset_url(url)
+    store = open_store(folder)
+    try:
+        data = store.read_bytes(MANIFEST_NAME)
+    except ObjectNotFound:
+        raise ObjectNotFound(
+            f"no dataset at {folder} ({MANIFEST_NAME} is missing): run `sagan prepare --out {folder}` first"
+        ) from None
+    where = store.url_of(MANIFEST_NAME)
+    try:
+        # ParquetFile without threads: pq.read_table's thread pools can abort the process at exit (arrow#34314)
+        table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        version = int(meta["sagan.format_version"])
+        if version > FORMAT_VERSION:
+            raise DataError(f"{where} has format version {version}; this code reads up to {FORMAT_VERSION}")
+        rows = table.select([f.name for f in _SCHEMA]).to_pylist()
+        manifest = Manifest(
+            url=folder,
+            shards=[
+                ShardInfo(
+                    name=row["shard"],
+                    num_samples=int(row["num_samples"]),
+                    num_bytes=int(row["num_bytes"]),
+                    sha256=row["sha256"],
+                    class_counts=tuple(int(c) for c in row["class_counts"]),
+                )
+                for row in rows
+            ],
+            num_classes=int(meta["sagan.num_classes"]),
+            image_size=int(meta["sagan.image_size"]),
+            num_samples=int(meta["sagan.num_samples"]),
+            source=meta.get("sagan.source", ""),
+            classes=json.loads(meta.get("sagan.classes", "[]")),
+            format_version=version,
+        )
+    except DataError:
+        raise
+    except (pa.ArrowException, KeyError, ValueError, TypeError) as exc:
+        raise DataError(f"{where} is not a valid dataset manifest ({exc}): re-run `sagan prepare`") from None
+    if sum(s.num_samples for s in manifest.shards) != manifest.num_samples or not manifest.shards:
+        raise DataError(
+            f"{where} is inconsistent (shard sample counts do not add up): re-run `sagan prepare`"
+        )
+    return manifest

@@ -1,0 +1,511 @@
+"""One interface for named bytes under a local folder or an ``s3://bucket/prefix``.
+
+S3 goes through boto3, which takes the endpoint and credentials from the standard AWS variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), so the same
+code talks to AWS, MinIO, Ceph, R2 or a local test server. Transient failures are retried here, with
+exponential backoff, and counted in a process-local counter (`retry_count`); reads resume from the byte
+where a connection broke with a ranged GET.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import os
+import random
+import secrets
+import shutil
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+from urllib.parse import urlparse
+
+import webdataset
+
+from data_pipeline.errors import DataError, ObjectNotFound
+
+DEFAULT_MAX_RETRIES = 6
+DEFAULT_BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 30.0
+READ_BUFFER_BYTES = 1 << 20
+MULTIPART_THRESHOLD_BYTES = 16 * 2**20
+MULTIPART_CHUNK_BYTES = 16 * 2**20
+
+T = TypeVar("T")
+
+_retry_lock = threading.Lock()
+_retries = 0
+
+
+def retry_count() -> int:
+    """Retries of S3 requests made by this process so far; read it twice and subtract for a delta."""
+    return _retries
+
+
+def _count_retry(store: Store) -> None:
+    global _retries
+    with _retry_lock:
+        _retries += 1
+        store.retries += 1
+
+
+class Store(ABC):
+    """Bytes and files by name under one root (a local folder or an S3 prefix).
+
+    Names are relative, ``/``-separated paths such as ``manifest.parquet`` or ``step_10/model.pt``.
+    """
+
+    url: str
+    retries: int = 0  # transient failures retried by this store (the process-wide total: retry_count())
+
+    @abstractmethod
+    def read_bytes(self, name: str) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write atomically: a reader sees the old object or the whole new one, never a part."""
+
+    @abstractmethod
+    def upload_file(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Copy a local file to ``name`` atomically (multipart for large files on S3)."""
+
+    @abstractmethod
+    def open_read(self, name: str) -> BinaryIO:
+        """A binary stream of the object; on S3 it survives dropped connections (ranged-GET resume)."""
+
+    @abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Names (relative to the store root) that start with ``prefix``, sorted."""
+
+    @abstractmethod
+    def delete(self, names: Iterable[str]) -> None:
+        """Delete the named objects; names that do not exist are ignored."""
+
+    def url_of(self, name: str) -> str:
+        return f"{self.url.rstrip('/')}/{name}" if name else self.url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def open_store(
+    url: str,
+    *,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    backoff_seconds: float = DEFAULT_BACKOFF_SECONDS,
+) -> Store:
+    """The store for a local path (or ``file://`` URL) or an ``s3://bucket/prefix`` URL."""
+    if not isinstance(url, str) or not url.strip():
+        raise DataError(f"empty data URL {url!r}: give a local folder or s3://bucket/prefix")
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        bucket, prefix = parsed.netloc, parsed.path.strip("/")
+        if not bucket:
+            raise DataError(f"no bucket in {url!r}: write s3://BUCKET/PREFIX")
+        return S3Store(bucket, prefix, max_retries=max_retries, backoff_seconds=backoff_seconds)
+    if parsed.scheme == "file":
+        return LocalStore(parsed.path)
+    if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
+        raise DataError(f"unsupported URL scheme in {url!r}: use a local path or s3://bucket/prefix")
+    return LocalStore(url)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``(folder URL, name)`` for a URL to one object, e.g. ``s3://b/p/x.tar`` -> ``(s3://b/p, x.tar)``."""
+    head, _, name = url.rstrip("/").rpartition("/")
+    if not name or not head or head.endswith(":/"):
+        raise DataError(f"{url!r} does not name an object inside a folder or bucket")
+    return head, name
+
+
+# --------------------------------------------------------------------------------------------------
+# Local folders
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).expanduser()
+        self.url = str(root)
+
+    def _path(self, name: str) -> Path:
+        return self.root / name
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.open_read(name) as stream:
+            return stream.read()
+
+    def open_read(self, name: str) -> BinaryIO:
+        path = self._path(name)
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{path} does not exist") from None
+        except OSError as exc:
+            raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def _atomic_write(self, name: str, fill: Callable[[BinaryIO], None]) -> None:
+        path = self._path(name)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666
+            )  # honours the umask, unlike mkstemp
+        except OSError as exc:
+            raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
+        try:
+            with os.fdopen(fd, "wb") as out:
+                fill(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self._atomic_write(name, lambda out: out.write(data))
+
+    def upload_file(self, name: str, path: str | os.PathLike[str]) -> None:
+        def copy(out: BinaryIO) -> None:
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, out, READ_BUFFER_BYTES)
+
+        self._atomic_write(name, copy)
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        if not self.root.is_dir():
+            return []
+        names = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        return sorted(n for n in names if n.startswith(prefix))
+
+    def delete(self, names: Iterable[str]) -> None:
+        for name in names:
+            self._path(name).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# S3 through boto3
+
+_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+_sessions: dict[tuple[str | None, ...], Any] = {}
+_clients: dict[tuple[Any, ...], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _s3_client() -> Any:
+    """A boto3 client for the current AWS environment, one per process: forked DataLoader workers make
+    their own (a connection pool must not cross a fork) from the inherited session (cheap)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    env = (endpoint, region, *(os.environ.get(name) for name in _CREDENTIAL_VARIABLES))
+    key = (os.getpid(), env)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is not None:
+            return client
+        import boto3
+        from botocore.config import Config
+
+        session = _sessions.get(env)
+        if session is None:
+            session = _sessions[env] = boto3.session.Session()
+        config = Config(
+            retries={"total_max_attempts": 1},  # retried (and counted) by S3Store itself
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=32,
+            s3={"addressing_style": "path"} if endpoint else None,
+            request_checksum_calculation="when_required",  # many S3-compatible stores reject the rest
+            response_checksum_validation="when_required",
+        )
+        try:
+            client = session.client("s3", region_name=region, config=config)
+        except ValueError as exc:  # botocore raises ValueError for a malformed endpoint URL
+            raise DataError(f"cannot use S3 endpoint {endpoint!r}: {exc}") from None
+        _clients.clear()  # clients of a parent process or an older environment are not reusable
+        _clients[key] = client
+        return client
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    import urllib3.exceptions
+    from botocore.exceptions import (
+        ConnectionError as BotoConnectionError,
+    )
+    from botocore.exceptions import (
+        HTTPClientError,
+        IncompleteReadError,
+    )
+
+    return (
+        BotoConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+        urllib3.exceptions.HTTPError,
+        http.client.HTTPException,
+        ConnectionError,
+        TimeoutError,
+        _ShortRead,
+    )
+
+
+class _ShortRead(Exception):
+    """The body ended before Content-Length bytes arrived."""
+
+
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "Throttling",
+    "ThrottlingException",
+    "503",
+    "500",
+}
+_ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403"}
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+class S3Store(Store):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        backoff_seconds: float = DEFAULT_BACKOFF_SECONDS,
+    ):
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.max_retries, self.backoff_seconds = max_retries, backoff_seconds
+
+    def key_of(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    # -- errors and retries --------------------------------------------------------------------------
+    def permanent_error(self, exc: BaseException, url: str) -> DataError | None:
+        """The DataError for a failure that retrying cannot fix, or None when it is worth retrying."""
+        from botocore.exceptions import (
+            ClientError,
+            NoCredentialsError,
+            ParamValidationError,
+            PartialCredentialsError,
+        )
+
+        if isinstance(exc, DataError):
+            return exc
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            return DataError(
+                f"no S3 credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+            )
+        if isinstance(exc, ParamValidationError):
+            return DataError(f"invalid S3 request for {url}: {str(exc).splitlines()[-1].strip()}")
+        if isinstance(exc, ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in _TRANSIENT_CODES or status >= 500:
+                return None
+            if code == "NoSuchBucket":
+                return DataError(
+                    f"S3 bucket {self.bucket!r} does not exist ({url}): create it or fix the URL"
+                )
+            if code in _NOT_FOUND_CODES:
+                return ObjectNotFound(f"{url} does not exist")
+            if code in _ACCESS_CODES:
+                return DataError(
+                    f"access to {url} denied ({code}): check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and "
+                    "the bucket policy"
+                )
+            if code == "PreconditionFailed":
+                return DataError(f"{url} changed while it was being read: re-run with the new data")
+            if code == "InvalidBucketName":
+                return DataError(f"invalid S3 bucket name {self.bucket!r} in {url}")
+            message = error.get("Message") or code
+            return DataError(f"S3 request for {url} failed: {code}: {message}")
+        if isinstance(exc, _transient_errors()):
+            return None
+        return DataError(f"S3 request for {url} failed: {type(exc).__name__}: {exc}")
+
+    def backoff(self, attempt: int) -> float:
+        return min(MAX_BACKOFF_SECONDS, self.backoff_seconds * 2**attempt) * random.uniform(0.5, 1.0)
+
+    def retrying(self, url: str, operation: Callable[[], T]) -> T:
+        """Run ``operation``; retry transient failures with exponential backoff, up to ``max_retries``."""
+        attempt = 0
+        while True:
+            try:
+                return operation()
+            except Exception as exc:
+                failure = self.give_up_or_wait(exc, url, attempt)
+                if failure is not None:
+                    raise failure from exc
+                attempt += 1
+
+    def give_up_or_wait(self, exc: BaseException, url: str, attempt: int) -> DataError | None:
+        """After failure number ``attempt`` (from 0): the error to raise, or None after a counted backoff."""
+        permanent = self.permanent_error(exc, url)
+        if permanent is not None:
+            return permanent
+        if attempt >= self.max_retries:
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return DataError(f"cannot reach {url} after {self.max_retries} retries: {detail}")
+        _count_retry(self)
+        time.sleep(self.backoff(attempt))
+        return None
+
+    # -- the Store interface -------------------------------------------------------------------------
+    def read_bytes(self, name: str) -> bytes:
+        with self.open_read(name) as stream:
+            return stream.read()
+
+    def open_read(self, name: str) -> BinaryIO:
+        return io.BufferedReader(
+            _S3ObjectReader(self, self.key_of(name), self.url_of(name)), READ_BUFFER_BYTES
+        )
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        key = self.key_of(name)
+        self.retrying(
+            self.url_of(name), lambda: _s3_client().put_object(Bucket=self.bucket, Key=key, Body=data)
+        )
+
+    def upload_file(self, name: str, path: str | os.PathLike[str]) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        transfer = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD_BYTES, multipart_chunksize=MULTIPART_CHUNK_BYTES
+        )
+        key = self.key_of(name)
+        self.retrying(
+            self.url_of(name),
+            lambda: _s3_client().upload_file(str(path), self.bucket, key, Config=transfer),
+        )
+
+    def exists(self, name: str) -> bool:
+        key = self.key_of(name)
+        try:
+            self.retrying(self.url_of(name), lambda: _s3_client().head_object(Bucket=self.bucket, Key=key))
+        except ObjectNotFound:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> list[str]:
+        root = f"{self.prefix}/" if self.prefix else ""
+
+        def list_all() -> list[str]:
+            pages = (
+                _s3_client()
+                .get_paginator("list_objects_v2")
+                .paginate(Bucket=self.bucket, Prefix=root + prefix)
+            )
+            return [obj["Key"][len(root) :] for page in pages for obj in page.get("Contents", [])]
+
+        return sorted(self.retrying(self.url_of(prefix), list_all))
+
+    def delete(self, names: Iterable[str]) -> None:
+        keys = [self.key_of(name) for name in names]
+        for start in range(0, len(keys), 1000):
+            batch = {"Objects": [{"Key": key} for key in keys[start : start + 1000]], "Quiet": True}
+            response = self.retrying(
+                self.url, lambda batch=batch: _s3_client().delete_objects(Bucket=self.bucket, Delete=batch)
+            )
+            errors = response.get("Errors", [])
+            if errors:
+                first = errors[0]
+                raise DataError(
+                    f"cannot delete s3://{self.bucket}/{first.get('Key')}: {first.get('Code')} "
+                    f"({len(errors)} objects not deleted)"
+                )
+
+
+class _S3ObjectReader(io.RawIOBase):
+    """Reads one S3 object; a broken connection is retried and resumed with a ranged GET at the byte
+    where it broke (pinned to the first response's ETag, so a replaced object is an error, not a mix)."""
+
+    def __init__(self, store: S3Store, key: str, url: str):
+        self.store, self.key, self.url = store, key, url
+        self.position = 0
+        self.size: int | None = None
+        self.etag: str | None = None
+        self.body: Any = None
+        self.store.retrying(url, self.request)
+
+    def request(self) -> None:
+        args: dict[str, Any] = {"Bucket": self.store.bucket, "Key": self.key}
+        if self.position:
+            args["Range"] = f"bytes={self.position}-"
+        if self.etag:
+            args["IfMatch"] = self.etag
+        response = _s3_client().get_object(**args)
+        if self.size is None:
+            self.size, self.etag = int(response["ContentLength"]), response.get("ETag")
+        self.body = response["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        assert self.size is not None
+        if self.position >= self.size:
+            return 0
+        attempt = 0
+        while True:
+            try:
+                if self.body is None:
+                    self.request()
+                data = self.body.read(min(len(buffer), self.size - self.position))
+                if not data:
+                    raise _ShortRead(f"connection closed at byte {self.position} of {self.size}")
+            except Exception as exc:
+                self.drop_body()
+                failure = self.store.give_up_or_wait(exc, self.url, attempt)
+                if failure is not None:
+                    raise failure from exc
+                attempt += 1
+                continue
+            count = len(data)
+            buffer[:count] = data
+            self.position += count
+            return count
+
+    def drop_body(self) -> None:
+        if self.body is not None:
+            with contextlib.suppress(Exception):  # the connection may already be broken
+                self.body.close()
+        self.body = None
+
+    def close(self) -> None:
+        self.drop_body()
+        super().close()
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> BinaryIO:
+    """``webdataset.gopen`` handler so stock webdataset pipelines read ``s3://`` shards through boto3."""
+    if mode != "rb":
+        raise DataError(f"writing {url} through webdataset is not supported: use data_pipeline.storage")
+    folder, name = split_url(url)
+    return open_store(folder).open_read(name)
+
+
+webdataset.gopen_schemes["s3"] = _gopen_s3

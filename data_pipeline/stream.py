@@ -1,0 +1,647 @@
+"""The per-rank resumable stream of whole batches.
+
+Each epoch's global sample sequence S is a pure function of (seed, epoch, manifest): the shards are
+permuted, grouped into blocks of ``shuffle_block_shards`` consecutive shards, and the samples of each
+block are permuted jointly. The stream's position is the set of positions of S not consumed yet,
+kept as intervals ``(epoch, start, end)``.
+
+A *segment* splits the remaining positions (total R) over W ranks with per-rank batch B:
+``steps = R // (W*B)``; rank r takes the r-th contiguous run of ``steps*B`` positions and every rank
+yields exactly ``steps`` batches; the tail (< W*B) is dropped or, with ``remainder="wrap"``, carried
+into the next epoch's segment. Within a rank the run is cut into contiguous per-worker runs of whole
+batches, and the rank's batch order is torch's DataLoader round-robin over them (batch j comes from
+worker j % num_workers). All ranks consume batches in lockstep, so after k batches every rank knows
+the consumed set without talking to the others: that is ``state_dict()``, and ``load_state_dict()``
+re-splits what remains for any world size, batch size or worker count.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
+
+from data_pipeline.errors import DataError, ObjectNotFound
+from data_pipeline.images import RESAMPLE, decode_rgb, fit_square, to_array
+from data_pipeline.manifest import Manifest, read_manifest
+from data_pipeline.storage import Store, open_store
+
+log = logging.getLogger("data_pipeline")
+
+STATE_FORMAT = 1
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff")
+SHARD_READ_THREADS = 4
+PREPARE_WAIT_SECONDS = 3600.0
+PREPARE_POLL_SECONDS = 2.0
+
+Interval = tuple[int, int, int]  # (epoch, start, end): positions start..end-1 of that epoch's sequence S
+
+
+@dataclass
+class DataConfig:
+    url: str = "data/fashion-mnist-32"  # shard folder or s3:// prefix holding manifest.parquet
+    prepare_source: str = (
+        "fashion-mnist"  # prepared into `url` on first use if the manifest is missing; "" = never
+    )
+    num_workers: int = 2
+    shuffle_block_shards: int = 4  # shards whose samples are shuffled together
+    remainder: str = "drop"  # drop | wrap  (the tail of an epoch smaller than one global batch)
+    wrong_size: str = "resize"  # resize | reject
+    skip_unreachable_shards: bool = False
+    max_retries: int = 6
+    prefetch_factor: int = 2
+    retry_backoff_seconds: float = 0.5  # first S3 retry waits about this long, doubling each time
+
+
+# --------------------------------------------------------------------------------------------------
+# Intervals of positions
+
+
+def total(intervals: list[Interval]) -> int:
+    return sum(end - start for _, start, end in intervals)
+
+
+def take(intervals: list[Interval], first: int, stop: int) -> list[Interval]:
+    """Positions ``first..stop-1`` of the concatenation of ``intervals``, as intervals."""
+    out: list[Interval] = []
+    offset = 0
+    for epoch, start, end in intervals:
+        length = end - start
+        lo, hi = max(first - offset, 0), min(stop - offset, length)
+        if lo < hi:
+            out.append((epoch, start + lo, start + hi))
+        offset += length
+        if offset >= stop:
+            break
+    return out
+
+
+def merge(intervals: list[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    for epoch, start, end in sorted(i for i in intervals if i[2] > i[1]):
+        if out and out[-1][0] == epoch and out[-1][2] >= start:
+            out[-1] = (epoch, out[-1][1], max(out[-1][2], end))
+        else:
+            out.append((epoch, start, end))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The order of one epoch
+
+
+class EpochOrder:
+    """S for one epoch: shards permuted, grouped in blocks, each block's samples permuted jointly."""
+
+    def __init__(self, shard_counts: np.ndarray, seed: int, epoch: int, block_shards: int):
+        self.seed, self.epoch = seed, epoch
+        self.shard_starts = np.concatenate([[0], np.cumsum(shard_counts)]).astype(np.int64)
+        shard_order = np.random.default_rng([seed, epoch]).permutation(len(shard_counts))
+        self.blocks = [shard_order[i : i + block_shards] for i in range(0, len(shard_order), block_shards)]
+        sizes = [int(shard_counts[block].sum()) for block in self.blocks]
+        self.block_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def block_of(self, position: int) -> int:
+        return int(np.searchsorted(self.block_starts, position, side="right")) - 1
+
+    def block_samples(self, block: int) -> np.ndarray:
+        """Global sample indices (shard start + offset) of a block, in S order."""
+        samples = np.concatenate(
+            [
+                np.arange(self.shard_starts[s], self.shard_starts[s + 1], dtype=np.int64)
+                for s in self.blocks[block]
+            ]
+        )
+        return samples[np.random.default_rng([self.seed, self.epoch, block]).permutation(len(samples))]
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan of one segment
+
+
+@dataclass(frozen=True)
+class Segment:
+    intervals: list[Interval]  # the positions not yet consumed when the segment started
+    world_size: int
+    batch_size: int
+    num_runs: int  # per rank: max(1, num_workers)
+    steps: int  # batches per rank: as many global batches as fit, or 1 for the step that wraps an epoch
+
+    @classmethod
+    def plan(
+        cls,
+        intervals: list[Interval],
+        world_size: int,
+        batch_size: int,
+        num_runs: int,
+        *,
+        wrap_step: bool = False,
+    ):
+        steps = total(intervals) // (world_size * batch_size)
+        return cls(intervals, world_size, batch_size, num_runs, min(steps, 1) if wrap_step else steps)
+
+    def run_lengths(self) -> list[int]:
+        """Batches of each per-worker run; the first ``steps % num_runs`` runs get one more."""
+        base, extra = divmod(self.steps, self.num_runs)
+        return [base + (w < extra) for w in range(self.num_runs)]
+
+    def batch_order(self) -> list[tuple[int, int]]:
+        """(run, batch within the run) of the rank's batches 0..steps-1: DataLoader round-robin."""
+        lengths = self.run_lengths()
+        return [
+            (w, i) for i in range(max(lengths, default=0)) for w in range(self.num_runs) if i < lengths[w]
+        ]
+
+    def run_start(self, rank: int, run: int) -> int:
+        """First position (in the concatenated intervals) of a rank's run."""
+        return (rank * self.steps + sum(self.run_lengths()[:run])) * self.batch_size
+
+    def consumed(self, batches: int) -> list[int]:
+        """Batches taken from each run after the rank consumed ``batches`` batches."""
+        counts = [0] * self.num_runs
+        for run, _ in self.batch_order()[:batches]:
+            counts[run] += 1
+        return counts
+
+    def remaining(self, batches: int) -> list[Interval]:
+        """The positions still unconsumed (by any rank) after every rank consumed ``batches`` batches."""
+        counts, lengths, b = self.consumed(batches), self.run_lengths(), self.batch_size
+        left: list[Interval] = []
+        for rank in range(self.world_size):
+            for run in range(self.num_runs):
+                start = self.run_start(rank, run)
+                left += take(self.intervals, start + counts[run] * b, start + lengths[run] * b)
+        left += take(self.intervals, self.world_size * self.steps * b, total(self.intervals))
+        return merge(left)
+
+    def tasks(self, rank: int, batches: int) -> list[list[tuple[int, list[Interval]]]]:
+        """Work for a fresh DataLoader continuing after ``batches`` batches: per worker slot, its
+        (batch index, positions) in order. Slots are the runs rotated so that the DataLoader's
+        round-robin, which starts at worker 0, continues the rank's batch order exactly."""
+        order, b = self.batch_order(), self.batch_size
+        if batches >= len(order):
+            return [[] for _ in range(self.num_runs)]
+        first_run = order[batches][0]
+        per_run: list[list[tuple[int, list[Interval]]]] = [[] for _ in range(self.num_runs)]
+        for index in range(batches, len(order)):
+            run, i = order[index]
+            start = self.run_start(rank, run) + i * b
+            per_run[run].append((index, take(self.intervals, start, start + b)))
+        return [per_run[(first_run + slot) % self.num_runs] for slot in range(self.num_runs)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading batches (runs in DataLoader workers)
+
+Sample = tuple[np.ndarray | None, int, str]  # (CHW uint8 image, label, "" or the reason it was skipped)
+
+
+def _sample_groups(stream: BinaryIO) -> Iterator[dict[str, bytes]]:
+    """WebDataset samples of a tar stream: consecutive members sharing a key (``<key>.<ext>``).
+
+    A sample is yielded as soon as the next key's header appears, before that member's data is read,
+    so a sample is never blamed for the truncation of the one after it."""
+    key, files = None, {}
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:  # like webdataset: plain or compressed
+        for member in tar:
+            stem, ext = base_plus_ext(member.name)
+            if not member.isreg() or stem is None or member.name.startswith("__"):
+                continue
+            if stem != key:
+                if key is not None:
+                    yield files
+                key, files = stem, {}
+            files[ext.lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    if key is not None:
+        yield files
+
+
+class _BatchReader:
+    """Turns lists of positions into batches: loads the blocks a worker's run touches, decodes the
+    samples it needs, fills skipped slots with valid samples of the same batch."""
+
+    def __init__(self, manifest: Manifest, cfg: DataConfig, *, seed: int, block_shards: int, resolution: int):
+        self.manifest, self.seed, self.block_shards, self.resolution = (
+            manifest,
+            seed,
+            block_shards,
+            resolution,
+        )
+        self.reject_wrong_size = cfg.wrong_size == "reject"
+        self.skip_unreachable = cfg.skip_unreachable_shards
+        self.store: Store = open_store(
+            manifest.url, max_retries=cfg.max_retries, backoff_seconds=cfg.retry_backoff_seconds
+        )
+        self.shard_counts = np.array([s.num_samples for s in manifest.shards], dtype=np.int64)
+        self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_counts)])
+        self.orders: dict[int, EpochOrder] = {}
+
+    def order(self, epoch: int) -> EpochOrder:
+        if epoch not in self.orders:
+            if len(self.orders) > 4:
+                self.orders.pop(min(self.orders))
+            self.orders[epoch] = EpochOrder(self.shard_counts, self.seed, epoch, self.block_shards)
+        return self.orders[epoch]
+
+    # -- positions -> samples ------------------------------------------------------------------------
+    def resolve(
+        self, tasks: list[tuple[int, list[Interval]]]
+    ) -> tuple[list[np.ndarray], list[list[tuple[int, int]]]]:
+        """Global sample indices of each task's positions, and the blocks (epoch, block) each touches."""
+        block_cache: dict[tuple[int, int], np.ndarray] = {}
+        samples, blocks = [], []
+        for _, intervals in tasks:
+            parts, touched = [], []
+            for epoch, start, end in intervals:
+                order = self.order(epoch)
+                position = start
+                while position < end:
+                    block = order.block_of(position)
+                    block_start, block_end = (
+                        int(order.block_starts[block]),
+                        int(order.block_starts[block + 1]),
+                    )
+                    stop = min(end, block_end)
+                    key = (epoch, block)
+                    if key not in block_cache:
+                        block_cache[key] = order.block_samples(block)
+                    parts.append(block_cache[key][position - block_start : stop - block_start])
+                    if not touched or touched[-1] != key:
+                        touched.append(key)
+                    position = stop
+            samples.append(np.concatenate(parts))
+            blocks.append(touched)
+        return samples, blocks
+
+    def batches(self, tasks: list[tuple[int, list[Interval]]]) -> Iterator[dict[str, Any]]:
+        retries_seen = self.store.retries
+        samples, touched = self.resolve(tasks)
+        needed: dict[tuple[int, int], list[int]] = {}
+        last_use: dict[tuple[int, int], int] = {}
+        for t, keys in enumerate(touched):
+            for key in keys:
+                needed.setdefault(key, []).extend(samples[t].tolist())
+                last_use[key] = t
+        block_keys = list(needed)
+        block_rank = {key: i for i, key in enumerate(block_keys)}
+        loaded: dict[tuple[int, int], list[Future[dict[int, Sample]]]] = {}
+        pool = ThreadPoolExecutor(SHARD_READ_THREADS, thread_name_prefix="shard-read")
+        try:
+            next_block = 0
+            for t, (index, _) in enumerate(tasks):
+                want = max(block_rank[k] for k in touched[t]) + 1  # + 1: prefetch the next block
+                while next_block <= min(want, len(block_keys) - 1):
+                    key = block_keys[next_block]
+                    loaded[key] = self.submit_block(pool, key, needed[key])
+                    next_block += 1
+                pool_samples: dict[int, Sample] = {}
+                for key in touched[t]:
+                    for future in loaded[key]:
+                        pool_samples.update(future.result())
+                images, labels, skipped = self.assemble(index, samples[t], pool_samples)
+                for key in touched[t]:
+                    if last_use[key] == t:
+                        del loaded[key]
+                retries_now = self.store.retries
+                yield {
+                    "index": index,
+                    "images": images,
+                    "labels": labels,
+                    "skipped": skipped,
+                    "s3_retries": retries_now - retries_seen,
+                }
+                retries_seen = retries_now
+        except DataError as exc:
+            yield {"error": str(exc)}
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def submit_block(
+        self, pool: ThreadPoolExecutor, key: tuple[int, int], samples: list[int]
+    ) -> list[Future[dict[int, Sample]]]:
+        epoch, block = key
+        wanted = set(samples)
+        futures = []
+        for shard in self.order(epoch).blocks[block]:
+            start, stop = int(self.shard_starts[shard]), int(self.shard_starts[shard + 1])
+            offsets = {g - start for g in wanted if start <= g < stop}
+            if offsets:
+                futures.append(pool.submit(self.read_shard, int(shard), offsets))
+        return futures
+
+    def read_shard(self, shard: int, offsets: set[int]) -> dict[int, Sample]:
+        """The wanted samples of one shard, keyed by global sample index."""
+        info, url = self.manifest.shards[shard], self.manifest.shard_url(shard)
+        start = int(self.shard_starts[shard])
+        results: dict[int, Sample] = {}
+        reasons: Counter[str] = Counter()
+        last = max(offsets)
+        missing_reason = "truncated"
+        try:
+            with self.store.open_read(info.name) as stream:
+                for offset, files in enumerate(_sample_groups(stream)):
+                    if offset in offsets:
+                        results[start + offset] = self.decode(files)
+                    if offset >= min(last, info.num_samples - 1):
+                        break
+        except DataError as exc:
+            if not self.skip_unreachable:
+                hint = (
+                    "" if isinstance(exc, ObjectNotFound) else " (data.skip_unreachable_shards=true skips it)"
+                )
+                raise DataError(f"data shard unreachable: {exc}{hint}") from None
+            missing_reason = "unreachable"
+            log.warning("skipping unreachable shard %s: %s", url, exc)
+        except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
+            log.debug("shard %s ends early: %s", url, exc)
+        for offset in offsets:
+            if start + offset not in results:
+                results[start + offset] = (None, 0, missing_reason)
+        reasons.update(r[2] for r in results.values() if r[2])
+        if reasons and missing_reason != "unreachable":
+            summary = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+            log.warning(
+                "skipping %d of %d samples read from %s: %s",
+                sum(reasons.values()),
+                len(offsets),
+                url,
+                summary,
+            )
+        return results
+
+    def decode(self, files: dict[str, bytes]) -> Sample:
+        data = next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
+        if data is None:
+            return None, 0, "decode"
+        try:
+            image = decode_rgb(data)
+        except Exception:  # Pillow raises many types for bad bytes
+            return None, 0, "decode"
+        try:
+            label = int(files["cls"].decode("ascii").strip())
+        except (KeyError, ValueError, UnicodeDecodeError):
+            return None, 0, "label"
+        if not 0 <= label < self.manifest.num_classes:
+            return None, 0, "label"
+        size = self.manifest.image_size
+        if image.size != (size, size):
+            if self.reject_wrong_size:
+                return None, 0, "size"
+            image = fit_square(image, self.resolution)
+        elif size != self.resolution:
+            image = image.resize((self.resolution, self.resolution), RESAMPLE)
+        return to_array(image).transpose(2, 0, 1), label, ""
+
+    def assemble(
+        self, index: int, samples: np.ndarray, decoded: dict[int, Sample]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+        r = self.resolution
+        images = np.empty((len(samples), 3, r, r), dtype=np.uint8)
+        labels = np.empty(len(samples), dtype=np.int64)
+        results = [decoded[int(g)] for g in samples]
+        valid = [i for i, (_, _, reason) in enumerate(results) if not reason]
+        if not valid:
+            shards = sorted({self.manifest.shard_url(self.shard_of(int(g))) for g in samples})
+            raise DataError(
+                f"batch {index} has no valid sample: every sample from {', '.join(shards[:3])} was skipped"
+            )
+        skipped: Counter[str] = Counter()
+        for i, (image, label, reason) in enumerate(results):
+            if reason:
+                skipped[reason] += 1
+                image, label, _ = results[valid[i % len(valid)]]
+            images[i], labels[i] = image, label
+        return torch.from_numpy(images), torch.from_numpy(labels), dict(skipped)
+
+    def shard_of(self, sample: int) -> int:
+        return int(np.searchsorted(self.shard_starts, sample, side="right")) - 1
+
+
+class _SegmentBatches(IterableDataset):
+    def __init__(self, reader: _BatchReader, slots: list[list[tuple[int, list[Interval]]]]):
+        self.reader, self.slots = reader, slots
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        return self.reader.batches(self.slots[worker.id if worker else 0])
+
+
+# --------------------------------------------------------------------------------------------------
+# The stream
+
+
+class ShardStream:
+    """This rank's infinite stream of (images uint8 (B,3,R,R), labels int64 (B,)) batches."""
+
+    def __init__(
+        self, cfg: DataConfig, *, rank: int, world_size: int, batch_size: int, seed: int, resolution: int
+    ):
+        _check_config(cfg)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        self.cfg, self.rank, self.world_size, self.batch_size = cfg, rank, world_size, batch_size
+        self.resolution = resolution
+        self.manifest = self._open_manifest(seed)
+        if resolution != self.manifest.image_size and cfg.wrong_size == "reject":
+            raise DataError(
+                f"the dataset at {cfg.url} has {self.manifest.image_size}x{self.manifest.image_size} images but the "
+                f"model wants {resolution}x{resolution}: set data.wrong_size=resize or prepare it at {resolution}"
+            )
+        global_batch = world_size * batch_size
+        if cfg.remainder == "drop" and self.manifest.num_samples < global_batch:
+            raise DataError(
+                f"the dataset at {cfg.url} has {self.manifest.num_samples} samples, fewer than one global batch "
+                f"({global_batch}): use a smaller batch or data.remainder=wrap"
+            )
+        self.seed = seed % 2**63
+        self.block_shards = cfg.shuffle_block_shards
+        self.skipped: Counter[str] = Counter()
+        self.s3_retries = 0
+        self._reader = self._make_reader()
+        self.epoch = 0
+        self._start_segment([(0, 0, self.manifest.num_samples)])
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def _open_manifest(self, seed: int) -> Manifest:
+        url, source = self.cfg.url, self.cfg.prepare_source
+        try:
+            return read_manifest(url)
+        except ObjectNotFound:
+            if not source:
+                raise
+        if self.rank == 0:
+            from data_pipeline.prepare import prepare
+
+            log.info("no dataset at %s yet: preparing %s", url, source)
+            prepare(source, url, image_size=self.resolution, seed=seed)
+            return read_manifest(url)
+        deadline = time.monotonic() + PREPARE_WAIT_SECONDS
+        while True:
+            time.sleep(PREPARE_POLL_SECONDS)
+            try:
+                return read_manifest(url)
+            except ObjectNotFound:
+                if time.monotonic() > deadline:
+                    raise DataError(
+                        f"rank {self.rank} waited {PREPARE_WAIT_SECONDS:.0f}s for rank 0 to prepare {url}: prepare it "
+                        "first with `sagan prepare` (on every node if the folder is node-local)"
+                    ) from None
+
+    def _make_reader(self) -> _BatchReader:
+        return _BatchReader(
+            self.manifest,
+            self.cfg,
+            seed=self.seed,
+            block_shards=self.block_shards,
+            resolution=self.resolution,
+        )
+
+    def _start_segment(self, intervals: list[Interval], *, wrap_step: bool = False) -> None:
+        self.segment = Segment.plan(
+            merge(intervals),
+            self.world_size,
+            self.batch_size,
+            max(1, self.cfg.num_workers),
+            wrap_step=wrap_step,
+        )
+        self.consumed = 0
+        if self.segment.intervals:
+            self.epoch = max(e for e, _, _ in self.segment.intervals)
+        if self.segment.steps == 0:
+            self._next_segment()
+
+    def _next_segment(self) -> None:
+        """Plan what follows the current segment: the rest of its epoch, or the next epoch, where the tail
+        smaller than one global batch is dropped or (wrap) completed to one global batch by the next epoch."""
+        n, global_batch = self.manifest.num_samples, self.world_size * self.batch_size
+        left = self.segment.remaining(self.segment.steps)
+        if total(left) >= global_batch:
+            self._start_segment(left)  # after a wrap step or a resume: the rest of the epoch
+        elif self.cfg.remainder == "wrap" and left:
+            while total(left) < global_batch:
+                left.append((max(e for e, _, _ in left) + 1, 0, n))
+            self._start_segment(left, wrap_step=True)
+        else:
+            self._start_segment([(self.epoch + 1, 0, n)])
+
+    # -- iteration ------------------------------------------------------------------------------------
+    def batches_remaining(self) -> int:
+        """Batches this rank (and every other rank) yields before the current segment ends."""
+        return self.segment.steps - self.consumed
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            segment = self.segment
+            slots = segment.tasks(self.rank, self.consumed)
+            loader = DataLoader(
+                _SegmentBatches(self._reader, slots),
+                batch_size=None,
+                num_workers=self.cfg.num_workers,
+                pin_memory=torch.cuda.is_available(),
+                prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
+                persistent_workers=False,
+            )
+            for item in loader:
+                if self.segment is not segment:
+                    break  # load_state_dict() moved the stream while the loader was running
+                if "error" in item:
+                    raise DataError(item["error"])
+                if item["index"] != self.consumed:
+                    raise RuntimeError(
+                        f"data stream out of order: got batch {item['index']}, wanted {self.consumed}"
+                    )
+                self.consumed += 1
+                self.skipped.update(item["skipped"])
+                self.s3_retries += item["s3_retries"]
+                if self.consumed == segment.steps:
+                    self._next_segment()  # now, so that state_dict() at a segment's end points past it
+                yield item["images"], item["labels"]
+                if self.segment is not segment:
+                    break
+            else:
+                if self.segment is segment:
+                    raise RuntimeError(f"data loader stopped at batch {self.consumed} of {segment.steps}")
+
+    def counters(self) -> dict[str, Any]:
+        """Cumulative skipped samples by reason and S3 retries seen by this rank (workers included)."""
+        return {"skipped": dict(self.skipped), "s3_retries": self.s3_retries}
+
+    # -- position -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "manifest": self.manifest.fingerprint,
+            "num_samples": self.manifest.num_samples,
+            "seed": self.seed,
+            "shuffle_block_shards": self.block_shards,
+            "epoch": self.epoch,
+            "segment": [list(i) for i in self.segment.intervals],
+            "segment_steps": self.segment.steps,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_workers": self.segment.num_runs,
+            "batches_consumed": self.consumed,
+            "remaining": [list(i) for i in self.segment.remaining(self.consumed)],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            if state["format"] != STATE_FORMAT:
+                raise DataError(
+                    f"data stream state has format {state['format']}; this code reads {STATE_FORMAT}"
+                )
+            fingerprint, seed, block_shards = (
+                state["manifest"],
+                int(state["seed"]),
+                int(state["shuffle_block_shards"]),
+            )
+            segment = [(int(e), int(a), int(b)) for e, a, b in state["segment"]]
+            steps = int(state["segment_steps"])
+            remaining = [(int(e), int(a), int(b)) for e, a, b in state["remaining"]]
+            shape = (int(state["world_size"]), int(state["batch_size"]), int(state["num_workers"]))
+            consumed, epoch = int(state["batches_consumed"]), int(state["epoch"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"the checkpoint's data stream state is malformed ({exc!r})") from None
+        if fingerprint != self.manifest.fingerprint:
+            raise DataError(
+                f"the checkpoint's data position belongs to another dataset than {self.cfg.url} (manifest "
+                f"{fingerprint}, now {self.manifest.fingerprint}): resume with the original data or start a new run"
+            )
+        if (seed, block_shards) != (self.seed, self.block_shards):
+            log.warning(
+                "continuing the checkpoint's data order (seed %d, shuffle_block_shards %d)",
+                seed,
+                block_shards,
+            )
+            self.seed, self.block_shards = seed, block_shards
+            self._reader = self._make_reader()
+        self.epoch = epoch
+        if shape == (self.world_size, self.batch_size, max(1, self.cfg.num_workers)) and consumed < steps:
+            self.segment = Segment(segment, *shape, steps)  # the same plan: continue exactly where it stopped
+            self.consumed = consumed
+        else:
+            self._start_segment(remaining)  # another shape: re-split what is left of the epoch
+
+
+def _check_config(cfg: DataConfig) -> None:
+    choices = {"remainder": ("drop", "wrap"), "wrong_size": ("resize", "reject")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise DataError(f"data.{key} must be {' or '.join(allowed)}, got {getattr(cfg, key)!r}")
+    minimum = {"num_workers": 0, "shuffle_block_shards": 1, "max_retries": 0, "prefetch_factor": 1}
+    for key, least in minimum.items():
+        if getattr(cfg, key) < least:
+            raise DataError(f"data.{key} must be at least {least}, got {getattr(cfg, key)!r}")

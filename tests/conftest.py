@@ -1,0 +1,131 @@
+"""Shared fixtures: a real S3 endpoint (moto in server mode, a subprocess on 127.0.0.1) for the session.
+
+``moto_server`` starts it once; ``s3_env`` points the standard AWS variables at it for one test;
+``s3_bucket`` adds a fresh, empty bucket. Code under test talks to it over HTTP with boto3, exactly as
+it would to AWS (no in-process patching).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+MOTO_START_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class MotoServer:
+    endpoint: str  # http://127.0.0.1:PORT
+    env: dict[str, str]  # the AWS variables that point boto3 at it
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.env["AWS_REGION"],
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    def create_bucket(self) -> str:
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+def _moto_command() -> list[str] | None:
+    script = Path(sys.executable).parent / "moto_server"
+    if script.exists():
+        return [str(script)]
+    if shutil.which("moto_server"):
+        return ["moto_server"]
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        return None
+    return [sys.executable, "-m", "moto.server"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _missing_tool(message: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    command = _moto_command()
+    if command is None:
+        _missing_tool("moto_server is not installed: pip install 'moto[server]'")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [*command, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + MOTO_START_SECONDS
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"moto_server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not answer on {endpoint} within {MOTO_START_SECONDS}s")
+                time.sleep(0.1)
+        env = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        yield MotoServer(endpoint, env)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def s3_env(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The AWS variables point at the moto server for this test; returns its endpoint."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name, value in moto_server.env.items():
+        monkeypatch.setenv(name, value)
+    return moto_server.endpoint
+
+
+@pytest.fixture
+def s3_bucket(moto_server: MotoServer, s3_env: str) -> str:
+    """A fresh, empty bucket on the moto server (its name)."""
+    return moto_server.create_bucket()

@@ -1,0 +1,106 @@
+"""End to end through the `sagan` console script: prepare, train, resume, sample, and bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer.checkpoint import load_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+SAGAN = str(Path(sys.executable).with_name("sagan"))
+TINY = [
+    "model.g_channels=8",
+    "model.d_channels=8",
+    "model.z_dim=16",
+    "trainer.global_batch_size=8",
+    "trainer.log_interval=2",
+    "data.num_workers=0",
+    "metrics.port=0",
+]
+
+
+def sagan(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([SAGAN, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "digits-32"
+    result = sagan("prepare", "--source", "digits", "--out", str(out), "--shard-size", "100KB")
+    assert result.returncode == 0, result.stderr
+    assert (out / "manifest.parquet").is_file()
+    return out
+
+
+@pytest.mark.slow
+def test_prepare_train_sample(digits, tmp_path):
+    run = tmp_path / "run"
+    result = sagan(
+        "train", "configs/smoke.yaml", f"data.url={digits}", f"run.dir={run}", "trainer.max_steps=4",
+        "trainer.sample_interval=2", "checkpoint.interval_steps=2", *TINY,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    grids = sorted((run / "samples").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_0000002.png", "step_0000004.png"]
+    grid = np.asarray(Image.open(grids[-1]))
+    # 10 digit classes, one row each, 8 columns of 32x32 with 2-pixel padding; not a blank canvas
+    assert grid.shape == (10 * 34 + 2, 8 * 34 + 2, 3)
+    assert grid[2:34, 2:34].std() > 0
+    state, manifest = load_folder(run / "checkpoints" / "step_4")
+    assert manifest["step"] == 4 and state["step"] == 4
+    assert (run / "checkpoints" / "LATEST").read_text() == "step_4"
+    assert list((run / "log").glob("part-*.parquet"))
+
+    # Same run, longer: it resumes from step 4 instead of starting over.
+    result = sagan(
+        "train", "configs/smoke.yaml", f"data.url={digits}", f"run.dir={run}", "trainer.max_steps=6",
+        "checkpoint.interval_steps=2", *TINY,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stderr and "at step 4" in result.stderr
+    assert load_folder(run / "checkpoints" / "step_6")[0]["step"] == 6
+
+    out = tmp_path / "grid.png"
+    result = sagan(
+        "sample", "--checkpoint", str(run), "--out", str(out), "--classes", "0,3,7", "--columns", "4"
+    )
+    assert result.returncode == 0, result.stderr
+    assert np.asarray(Image.open(out)).shape == (3 * 34 + 2, 4 * 34 + 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "trainer.max_stepz=3"], "trainer.max_stepz: unknown key"),
+        (["train", "--config", "nope.yaml"], "cannot read config file nope.yaml"),
+        (["train", "model.resolution=48"], "model.resolution=48 is not one of 32, 64, 128"),
+        (
+            ["sample", "--checkpoint", "/nonexistent/run", "--out", "x.png"],
+            "no checkpoint found at /nonexistent/run",
+        ),
+        (["prepare", "--source", "mnist-but-not", "--out", "/tmp/x"], "mnist-but-not"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    result = sagan(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith(f"sagan {args[0]}: error: ")]
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_wrong_data_url_names_it(tmp_path):
+    result = sagan(
+        "train",
+        f"data.url={tmp_path / 'no-data'}",
+        "data.prepare_source=",
+        f"run.dir={tmp_path / 'run'}",
+        *TINY,
+    )
+    assert result.returncode == 2
+    assert "no-data" in result.stderr
+    assert "Traceback" not in result.stderr

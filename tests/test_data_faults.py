@@ -1,0 +1,334 @@
+"""Faults never stop training silently: dropped connections resume with a ranged GET and are counted,
+unreachable shards fail loudly (or are skipped when configured), corrupt samples are skipped and counted.
+
+The network faults come from a small TCP proxy in front of the moto server that cuts the connections
+whose HTTP request names a chosen shard."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import logging
+import socket
+import tarfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline import storage
+from data_pipeline.errors import DataError
+from data_pipeline.manifest import read_manifest
+from data_pipeline.prepare import prepare
+from data_pipeline.storage import open_store
+from data_pipeline.stream import DataConfig, ShardStream
+
+NUM_SAMPLES = 240
+IMAGE_SIZE = 16
+BATCH = 8  # 240 = 30 batches: no remainder, so every sample is accounted for
+
+
+def write_id_parquet(path: Path) -> Path:
+    """Image i encodes i in pixel (0, 0) (red + 256 * green); label i % 10; every third image is noise."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(NUM_SAMPLES):
+        pixels = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        if i % 3 == 0:
+            pixels = rng.integers(0, 256, pixels.shape, dtype=np.uint8)
+        pixels[0, 0] = (i % 256, i // 256, 0)
+        rows.append({"image": png(pixels), "label": i % 10})
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def one_epoch(cfg: DataConfig) -> tuple[list[int], ShardStream]:
+    stream = ShardStream(cfg, rank=0, world_size=1, batch_size=BATCH, seed=3, resolution=IMAGE_SIZE)
+    ids = []
+    for images, labels in itertools.islice(iter(stream), stream.batches_remaining()):
+        pixels = images[:, :, 0, 0].long()
+        batch = (pixels[:, 0] + 256 * pixels[:, 1]).tolist()
+        assert labels.tolist() == [i % 10 for i in batch]  # a filled slot copies image and label together
+        ids += batch
+    return ids, stream
+
+
+def shard_ids(tar_bytes: bytes) -> list[int]:
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        pngs = [tar.extractfile(m).read() for m in tar if m.name.endswith(".png")]
+    return [
+        int(p[0, 0, 0]) + 256 * int(p[0, 0, 1]) for p in (np.asarray(Image.open(io.BytesIO(b))) for b in pngs)
+    ]
+
+
+class FlakyProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``upstream``. A connection whose request mentions ``target``
+    is cut: after ``cut_after`` bytes of the response, once; or, with ``block``, every time at once."""
+
+    def __init__(self, upstream: str):
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.target: bytes | None = None
+        self.cut_after: int | None = None
+        self.block = False
+        self.cuts = 0
+        self.requests: list[bytes] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+
+    def serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.upstream)
+        budget: list[int | None] = [None]  # response bytes left before the cut, for the armed request
+
+        def close() -> None:
+            for sock in (client, upstream):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+        def responses() -> None:
+            try:
+                while data := upstream.recv(65536):
+                    if budget[0] is not None:
+                        if len(data) >= budget[0]:
+                            client.sendall(data[: budget[0]])
+                            self.cuts += 1
+                            close()
+                            return
+                        budget[0] -= len(data)
+                    client.sendall(data)
+            except OSError:
+                pass
+            close()
+
+        threading.Thread(target=responses, daemon=True).start()
+        try:
+            while data := client.recv(65536):
+                self.requests.append(data)
+                if self.target and self.target in data:
+                    if self.block:
+                        self.cuts += 1
+                        close()
+                        return
+                    if self.cut_after is not None:
+                        budget[0], self.cut_after = self.cut_after, None
+                upstream.sendall(data)
+        except OSError:
+            pass
+        close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def id_dataset(moto_server, s3_bucket, tmp_path) -> str:
+    url = f"s3://{s3_bucket}/ids"
+    source = write_id_parquet(tmp_path / "ids.parquet")
+    prepare(f"parquet:{source}", url, image_size=IMAGE_SIZE, shard_size=40 * 1024, progress=False)
+    return url
+
+
+@pytest.fixture
+def proxy(s3_env, monkeypatch):
+    flaky = FlakyProxy(s3_env)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint)
+    yield flaky
+    flaky.close()
+
+
+def test_a_cut_connection_resumes_with_a_ranged_get_and_counts_a_retry(id_dataset, proxy):
+    store = open_store(id_dataset, backoff_seconds=0.01)
+    name = read_manifest(id_dataset).shards[1].name
+    expected = store.read_bytes(name)
+    assert len(expected) > 20_000
+    proxy.target, proxy.cut_after = name.encode(), 12_000
+    process_before = storage.retry_count()
+    assert store.read_bytes(name) == expected
+    assert proxy.cuts == 1
+    assert store.retries == 1 and storage.retry_count() - process_before == 1
+    ranges = [r for r in proxy.requests if name.encode() in r and b"range: bytes=" in r.lower()]
+    assert len(ranges) == 1
+    resumed_at = int(ranges[0].lower().split(b"range: bytes=")[1].split(b"-")[0])
+    assert 0 < resumed_at < 12_000  # from the byte where it broke (minus the response headers)
+
+
+def test_a_cut_connection_in_a_worker_is_resumed_and_reported(id_dataset, proxy):
+    shards = read_manifest(id_dataset).shards
+    proxy.target, proxy.cut_after = shards[2].name.encode(), 9_000
+    cfg = DataConfig(url=id_dataset, prepare_source="", num_workers=2, retry_backoff_seconds=0.01)
+    ids, stream = one_epoch(cfg)
+    assert sorted(ids) == list(range(NUM_SAMPLES))
+    assert proxy.cuts == 1
+    assert stream.counters() == {"skipped": {}, "s3_retries": 1}  # counted in a worker, shipped with a batch
+
+
+def test_an_unreachable_shard_fails_the_run_naming_it(id_dataset, proxy):
+    manifest = read_manifest(id_dataset)
+    proxy.target, proxy.block = manifest.shards[3].name.encode(), True
+    cfg = DataConfig(
+        url=id_dataset, prepare_source="", num_workers=2, max_retries=2, retry_backoff_seconds=0.01
+    )
+    with pytest.raises(DataError, match=f"{manifest.shard_url(3)} after 2 retries") as failure:
+        one_epoch(cfg)
+    assert "\n" not in str(failure.value)
+    assert proxy.cuts >= 3  # the first try and two retries (in whichever workers read that shard)
+
+
+def test_an_unreachable_shard_is_skipped_when_configured(id_dataset, proxy):
+    manifest = read_manifest(id_dataset)
+    lost = set(shard_ids(open_store(id_dataset).read_bytes(manifest.shards[3].name)))
+    proxy.target, proxy.block = manifest.shards[3].name.encode(), True
+    cfg = DataConfig(
+        url=id_dataset,
+        prepare_source="",
+        num_workers=0,
+        max_retries=1,
+        retry_backoff_seconds=0.01,
+        skip_unreachable_shards=True,
+    )
+    ids, stream = one_epoch(cfg)
+    assert set(ids) == set(range(NUM_SAMPLES)) - lost
+    assert len(ids) == NUM_SAMPLES  # the lost samples' slots hold duplicates of valid ones
+    assert stream.counters() == {"skipped": {"unreachable": len(lost)}, "s3_retries": 1}
+
+
+def test_a_deleted_shard_fails_naming_it(id_dataset, s3_env):
+    manifest = read_manifest(id_dataset)
+    open_store(id_dataset).delete([manifest.shards[0].name])
+    with pytest.raises(DataError, match=f"{manifest.shard_url(0)} does not exist"):
+        one_epoch(DataConfig(url=id_dataset, prepare_source="", num_workers=0))
+
+
+@pytest.fixture
+def corrupt_dataset(tmp_path) -> tuple[str, dict[str, set[int]]]:
+    """A local copy of the id dataset with one sample per kind of damage and a truncated shard."""
+    url = str(tmp_path / "ids")
+    prepare(
+        f"parquet:{write_id_parquet(tmp_path / 'ids.parquet')}",
+        url,
+        image_size=IMAGE_SIZE,
+        shard_size=40 * 1024,
+        progress=False,
+    )
+    manifest = read_manifest(url)
+    store = open_store(url)
+    damaged: dict[str, set[int]] = {}
+
+    def rewrite(index: int, edit) -> None:
+        name = manifest.shards[index].name
+        with tarfile.open(fileobj=io.BytesIO(store.read_bytes(name))) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar]
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for member, data in edit(members):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        store.write_bytes(name, out.getvalue())
+
+    def sample_id(data: bytes) -> int:
+        pixel = np.asarray(Image.open(io.BytesIO(data)))[0, 0]
+        return int(pixel[0]) + 256 * int(pixel[1])
+
+    def damage(members):
+        pngs = [(name, data) for name, data in members if name.endswith(".png")]
+        targets = {
+            "decode": pngs[1],  # not an image any more
+            "label": pngs[2],  # label text "seven"
+            "missing-label": pngs[3],  # no .cls member at all
+            "size": pngs[4],  # 12x12 instead of 16x16, one colour that encodes its id
+        }
+        for reason, (_, data) in targets.items():
+            damaged.setdefault("label" if reason == "missing-label" else reason, set()).add(sample_id(data))
+        out = []
+        for name, data in members:
+            if name == targets["decode"][0]:
+                data = b"\x89PNG but not really"
+            elif name == targets["label"][0].replace(".png", ".cls"):
+                data = b"seven"
+            elif name == targets["missing-label"][0].replace(".png", ".cls"):
+                continue
+            elif name == targets["size"][0]:
+                i = sample_id(data)
+                data = png(np.full((12, 12, 3), (i % 256, i // 256, 0), np.uint8))
+            out.append((name, data))
+        return out
+
+    rewrite(0, damage)
+    name = manifest.shards[1].name
+    whole = store.read_bytes(name)
+    pngs_before_cut = shard_ids(whole)[:5]
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        sixth_png = [m for m in tar if m.name.endswith(".png")][5]
+    store.write_bytes(name, whole[: sixth_png.offset_data + 100])  # the sixth sample's image is cut short
+    damaged["truncated"] = set(shard_ids(whole)) - set(pngs_before_cut)
+    assert manifest.shards[1].num_samples - 5 == len(damaged["truncated"])
+    return url, damaged
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_samples_are_skipped_counted_and_logged_once_per_shard(corrupt_dataset, num_workers, caplog):
+    url, damaged = corrupt_dataset
+    cfg = DataConfig(url=url, prepare_source="", num_workers=num_workers, wrong_size="reject")
+    with caplog.at_level(logging.WARNING, logger="data_pipeline"):
+        ids, stream = one_epoch(cfg)
+    bad = set().union(*damaged.values())
+    assert set(ids) == set(range(NUM_SAMPLES)) - bad and len(ids) == NUM_SAMPLES
+    assert stream.counters()["skipped"] == {reason: len(samples) for reason, samples in damaged.items()}
+    if num_workers == 0:  # worker processes log in their own process
+        manifest = read_manifest(url)
+        warnings = Counter(
+            s.name for r in caplog.records for s in manifest.shards if s.name in r.getMessage()
+        )
+        assert warnings == {manifest.shards[0].name: 1, manifest.shards[1].name: 1}
+
+
+def test_a_wrong_size_image_is_resized_by_default(corrupt_dataset):
+    url, damaged = corrupt_dataset
+    ids, stream = one_epoch(DataConfig(url=url, prepare_source="", num_workers=0))
+    assert damaged["size"] <= set(ids)  # resized to 16x16; its id (one colour) survives the filter
+    assert "size" not in stream.counters()["skipped"]
+
+
+def test_a_batch_without_any_valid_sample_is_an_error_naming_the_shard(tmp_path):
+    url = str(tmp_path / "ids")
+    prepare(
+        f"parquet:{write_id_parquet(tmp_path / 'ids.parquet')}", url, image_size=IMAGE_SIZE, progress=False
+    )
+    manifest = read_manifest(url)  # one shard
+    store = open_store(url)
+    with tarfile.open(fileobj=io.BytesIO(store.read_bytes(manifest.shards[0].name))) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in members:
+            data = b"garbage" if name.endswith(".png") else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    store.write_bytes(manifest.shards[0].name, out.getvalue())
+    with pytest.raises(DataError, match=f"no valid sample.*{manifest.shard_url(0)}"):
+        one_epoch(DataConfig(url=url, prepare_source="", num_workers=0))

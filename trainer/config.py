@@ -1,0 +1,239 @@
+"""The typed config tree: dataclasses, loaded from YAML and overridden by dotted ``key=value`` arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_pipeline.stream import DataConfig
+from models.sagan import ModelConfig
+
+
+class ConfigError(Exception):
+    """A bad config file, key or value. The message is one line and names the key."""
+
+
+@dataclass
+class TrainerConfig:
+    backend: str = "ddp"  # ddp | deepspeed
+    max_steps: int = 2000  # generator updates
+    global_batch_size: int = 32  # real images per D step, summed over ranks
+    n_dis: int = 1  # D updates per G update
+    lr_g: float = 1e-4
+    lr_d: float = 4e-4
+    betas_g: list[float] = field(default_factory=lambda: [0.0, 0.9])
+    betas_d: list[float] = field(default_factory=lambda: [0.0, 0.9])
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    seed: int = 0
+    ema_decay: float = 0.999
+    ema_start_step: int = 0  # before this step G-EMA copies G
+    device: str = "auto"  # auto | cpu | cuda
+    log_interval: int = 20
+    sample_interval: int = 500
+    sample_columns: int = 8
+    zero_stage: int = 1  # DeepSpeed ZeRO stage (0, 1 or 2)
+    timeout_seconds: int = 600  # a collective that waits longer fails the job instead of hanging it
+
+
+@dataclass
+class CheckpointConfig:
+    url: str = ""  # "" = <run.dir>/checkpoints; a local path or s3://bucket/prefix
+    interval_steps: int = 500
+    keep_last: int = 3
+    resume: bool = True  # continue from the newest checkpoint under url when there is one
+
+
+@dataclass
+class MetricsConfig:
+    port: int = 9400  # every rank serves /metrics on port + local_rank; 0 disables
+    host: str = "127.0.0.1"
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.resolution": (32, 64, 128),
+    "model.attention_impl": ("sdpa", "math"),
+    "model.init": ("orthogonal", "xavier", "normal"),
+    "data.remainder": ("drop", "wrap"),
+    "data.wrong_size": ("resize", "reject"),
+    "trainer.backend": ("ddp", "deepspeed"),
+    "trainer.precision": ("fp32", "bf16", "fp16"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.zero_stage": (0, 1, 2),
+}
+POSITIVE = (
+    "trainer.max_steps",
+    "trainer.global_batch_size",
+    "trainer.n_dis",
+    "trainer.lr_g",
+    "trainer.lr_d",
+    "trainer.log_interval",
+    "trainer.sample_interval",
+    "trainer.sample_columns",
+    "trainer.timeout_seconds",
+    "checkpoint.interval_steps",
+    "checkpoint.keep_last",
+    "data.shuffle_block_shards",
+    "data.prefetch_factor",
+)
+NON_NEGATIVE = ("model.num_classes", "data.num_workers", "data.max_retries", "metrics.port", "trainer.seed")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The default config, updated by the YAML file at ``path`` and then by ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
+        tree = loaded or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is a value, not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+    for key in POSITIVE:
+        if get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={get(cfg, key)!r} must be positive")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ConfigError(f"{key}={get(cfg, key)!r} must not be negative")
+    for key in ("trainer.betas_g", "trainer.betas_d"):
+        betas = get(cfg, key)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"{key}={betas!r} must be two numbers in [0, 1)")
+    if not 0.0 <= cfg.trainer.ema_decay < 1.0:
+        raise ConfigError(f"trainer.ema_decay={cfg.trainer.ema_decay!r} must be in [0, 1)")
+    try:
+        cfg.model.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not cfg.data.url:
+        raise ConfigError("data.url is empty: give a shard folder or an s3:// prefix")
+
+
+def _build(cls: type, tree: Any, prefix: str) -> Any:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a section (a mapping), not {tree!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{dotted}: unknown key{hint}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, kind, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is not str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-4 as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a string")
+    raise ConfigError(f"{key}: unsupported type {kind}")

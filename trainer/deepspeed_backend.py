@@ -1,0 +1,304 @@
+"""The GAN update on DeepSpeed: one engine for G and one for D, each with its own config.
+
+Two engines keep the two time-scale update rule: each has its own Adam (``lr_g``/``betas_g`` and
+``lr_d``/``betas_d``), ZeRO stage (``trainer.zero_stage``: 0, 1 or 2) and loss scaler. Precision
+follows ``trainer.precision``: fp32; bf16 (DeepSpeed keeps bf16 weights in the modules and fp32
+master weights in the optimizer); fp16 with a dynamic loss scale (needs an accelerator with fp16:
+CUDA; DeepSpeed's CPU accelerator has none on most CPUs, which is rejected with a clear message).
+
+The G step calls D's module directly with D's parameters frozen, so its backward reaches G's engine
+only; D's engine never sees a backward it did not run the forward for.
+
+``state_dict()`` is independent of the world size and has the same layout as ``DDPBackend``'s, so
+either backend resumes the other's checkpoints on any number of ranks:
+
+- ``G``, ``D``: module state dicts with the fp32 master weights (gathered from every rank's ZeRO
+  partition) and the buffers in fp32;
+- ``opt_g``, ``opt_d``: ``torch.optim.Adam`` state dicts (``step``, full ``exp_avg`` and
+  ``exp_avg_sq`` per parameter, gathered the same way, in ``parameters()`` order);
+- ``scaler_g``, ``scaler_d``: fp16 only, ``{"scale": ...}``: the dynamic loss scale; its growth
+  counters restart after a resume.
+
+Gathering is a collective: every rank must call ``state_dict()`` (the tensors are the same on all).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import ConfigError, TrainerConfig
+from trainer.distributed import Runtime, ensure_process_group
+from trainer.gan_step import Update, batch_norm_groups, mean_over_ranks, total_grad_norm
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by deepspeed when it is first imported
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+
+from models.losses import d_hinge_loss, g_hinge_loss
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+INITIAL_LOSS_SCALE_POWER = 16
+
+
+def engine_config(cfg: TrainerConfig, per_rank_batch: int) -> dict[str, Any]:
+    """The DeepSpeed config of one engine; the optimizer is ours, so lr and betas are not in it."""
+    return {
+        "train_micro_batch_size_per_gpu": per_rank_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": True},
+        "fp16": {
+            "enabled": cfg.precision == "fp16",
+            "loss_scale": 0,  # 0: dynamic
+            "initial_scale_power": INITIAL_LOSS_SCALE_POWER,
+            "loss_scale_window": 2000,
+            "hysteresis": 1,
+            "min_loss_scale": 1,
+        },
+        # Buffers (batch-norm statistics, spectral norm's u and v) in the weights' precision, as the
+        # power iteration multiplies them with the weights.
+        "data_types": {"buffer_dtype": cfg.precision} if cfg.precision != "fp32" else {},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def check_supported(cfg: TrainerConfig) -> None:
+    if cfg.zero_stage not in (0, 1, 2):
+        raise ConfigError(
+            f"trainer.zero_stage={cfg.zero_stage} is not supported: stage 3 partitions the weights, and the G "
+            "step runs D's module outside its engine, which needs D's full weights; use 0, 1 or 2"
+        )
+    accelerator = get_accelerator()
+    if cfg.precision == "fp16" and not accelerator.is_fp16_supported():
+        raise ConfigError(
+            f"trainer.precision=fp16: DeepSpeed's {accelerator.device_name()} accelerator here has no fp16 "
+            "support; use trainer.precision=bf16 (or fp16 on a CUDA machine)"
+        )
+    if cfg.precision == "bf16" and not accelerator.is_bf16_supported():
+        raise ConfigError(
+            f"trainer.precision=bf16: DeepSpeed's {accelerator.device_name()} accelerator here has no bf16 "
+            "support; use trainer.precision=fp16 or fp32"
+        )
+
+
+class DeepSpeedBackend:
+    """DeepSpeed engines for G and D behind the same interface as ``DDPBackend``."""
+
+    def __init__(self, G: nn.Module, D: nn.Module, cfg: TrainerConfig, runtime: Runtime):
+        check_supported(cfg)
+        ensure_process_group(runtime)
+        self.cfg = cfg
+        self.world_size = runtime.world_size
+        self.dtype = DTYPES[cfg.precision]
+        per_rank_batch = cfg.global_batch_size // runtime.world_size
+        G, D = G.to(runtime.device), D.to(runtime.device)
+        _start_equal(G, D)
+        self.g_engine = self._engine(
+            batch_norm_groups(G, cfg, runtime.world_size), G, cfg.lr_g, cfg.betas_g, per_rank_batch
+        )
+        self.d_engine = self._engine(D, D, cfg.lr_d, cfg.betas_d, per_rank_batch)
+        self.G, self.D = G, D  # the engines' modules, in the engines' precision
+        self.device = runtime.device
+
+    def _engine(self, module: nn.Module, net: nn.Module, lr: float, betas: list[float], batch: int):
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(betas))
+        engine, *_ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=engine_config(self.cfg, batch), dist_init_required=False
+        )
+        if engine.optimizer is not optimizer and not engine.zero_optimization():
+            # DeepSpeed's fp16/bf16 optimizer without ZeRO creates Adam's state with a step on zero
+            # gradients; Adam would then count that step in its bias correction. Start from nothing.
+            optimizer.state.clear()
+        return engine
+
+    # --- the update ----------------------------------------------------------------------------------
+    def d_step(
+        self, real: torch.Tensor, y_real: torch.Tensor, z: torch.Tensor, y_fake: torch.Tensor
+    ) -> Update:
+        with torch.no_grad():
+            fake = self.g_engine.module(z.to(self.dtype), y_fake)
+        logits = self.d_engine(torch.cat([real.to(self.dtype), fake]), torch.cat([y_real, y_fake]))
+        loss = d_hinge_loss(logits[: real.shape[0]], logits[real.shape[0] :])
+        return self._apply(loss, self.d_engine)
+
+    def g_step(self, z: torch.Tensor, y_fake: torch.Tensor) -> Update:
+        self.D.requires_grad_(False)
+        try:
+            loss = g_hinge_loss(self.D(self.g_engine(z.to(self.dtype), y_fake), y_fake))
+            return self._apply(loss, self.g_engine)
+        finally:
+            self.D.requires_grad_(True)
+
+    def _apply(self, loss: torch.Tensor, engine) -> Update:
+        loss_value = mean_over_ranks(loss, self.world_size)
+        if not math.isfinite(loss_value):
+            return Update(loss_value, math.nan, False)  # every rank skips the backward alike
+        engine.backward(loss)
+        if engine.optimizer is engine.basic_optimizer:
+            # fp32 without ZeRO: DeepSpeed applies the optimizer as is, so the non-finite check is ours.
+            norm = float(total_grad_norm([p for p in engine.module.parameters() if p.grad is not None]))
+            if not math.isfinite(norm):
+                engine.optimizer.zero_grad(set_to_none=True)
+                return Update(loss_value, norm, False)
+            engine.step()
+            return Update(loss_value, norm, True)
+        engine.step()  # checks the averaged gradients for inf/NaN itself and skips such a step
+        norm = engine.get_global_grad_norm()
+        norm = math.nan if norm is None else float(norm)
+        return Update(loss_value, norm, bool(engine.was_step_applied()))
+
+    # --- world-size-independent state ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Full fp32 tensors in DDPBackend's layout; a collective: every rank calls it."""
+        return {
+            "G": _module_state(self.g_engine, self.G),
+            "D": _module_state(self.d_engine, self.D),
+            "opt_g": _adam_state(self.g_engine, self.G),
+            "opt_d": _adam_state(self.d_engine, self.D),
+            "scaler_g": _scaler_state(self.g_engine),
+            "scaler_d": _scaler_state(self.d_engine),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for engine, net, key in ((self.g_engine, self.G, "G"), (self.d_engine, self.D, "D")):
+            _load_module_state(engine, net, state[key])
+            _load_adam_state(engine, net, state[f"opt_{key.lower()}"])
+            _load_scaler_state(engine, state.get(f"scaler_{key.lower()}"))
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    """On the CPU, floating point in fp32 (the checkpointer snapshots before training goes on)."""
+    dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+    return tensor.detach().to("cpu", dtype)
+
+
+def _masters(engine, net: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The optimizer's own fp32 copies of ``net``'s weights, by name, when it keeps separate ones."""
+    if engine.zero_optimization():
+        return None  # partitioned: gathered parameter by parameter
+    if engine.optimizer is engine.basic_optimizer:
+        return {}  # fp32 without ZeRO: the weights are the masters
+    # fp16/bf16 without ZeRO: DeepSpeed's unfused optimizer pairs each weight with an fp32 copy.
+    copies = {
+        id(low): high
+        for lows, highs in zip(engine.optimizer.fp16_groups, engine.optimizer.fp32_groups)
+        for low, high in zip(lows, highs)
+    }
+    return {name: copies[id(param)] for name, param in net.named_parameters()}
+
+
+def _module_state(engine, net: nn.Module) -> dict[str, torch.Tensor]:
+    state = {name: _copy(value) for name, value in net.state_dict().items()}
+    masters = _masters(engine, net)
+    for name, param in net.named_parameters():
+        if masters is None:
+            state[name] = _copy(safe_get_full_fp32_param(param))
+        elif name in masters:
+            state[name] = _copy(masters[name])
+    return state
+
+
+def _load_module_state(engine, net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    net.load_state_dict(state)  # the weights in the engine's precision, and the buffers
+    masters = _masters(engine, net)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            value = state[name].to(param.device, torch.float32)
+            if masters is None:
+                safe_set_full_fp32_param(param, value)
+            elif name in masters:
+                masters[name].copy_(value)
+
+
+def _adam_state(engine, net: nn.Module) -> dict[str, Any]:
+    """``torch.optim.Adam.state_dict()`` of the whole net: parameter i is ``list(net.parameters())[i]``."""
+    adam = engine.basic_optimizer
+    if not engine.zero_optimization():
+        # One group holding the weights (or their fp32 copies) in parameters() order: Adam's own layout.
+        return {
+            "state": {i: {k: _copy(v) for k, v in s.items()} for i, s in adam.state_dict()["state"].items()},
+            "param_groups": adam.state_dict()["param_groups"],
+        }
+    params = list(net.parameters())
+    group = {key: value for key, value in adam.param_groups[0].items() if key != "params"}
+    flat = adam.state.get(adam.param_groups[0]["params"][0])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    if flat:  # Adam creates its state at the first step
+        for index, param in enumerate(params):
+            moments = {key: _copy(safe_get_full_optimizer_state(param, key)) for key in ADAM_MOMENTS}
+            state[index] = {"step": _copy(flat["step"]), **moments}
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(params)))}]}
+
+
+def _load_adam_state(engine, net: nn.Module, saved: dict[str, Any]) -> None:
+    adam = engine.basic_optimizer
+    if not engine.zero_optimization():
+        adam.load_state_dict(saved)
+        return
+    hyper = {key: value for key, value in saved["param_groups"][0].items() if key != "params"}
+    for group in adam.param_groups:
+        group.update(hyper)
+    if not saved["state"]:
+        return
+    step = next(iter(saved["state"].values()))["step"]
+    for group in adam.param_groups:
+        for flat in group["params"]:  # this rank's partition: moments filled in below
+            adam.state[flat] = {
+                "step": torch.as_tensor(step, dtype=torch.float32).clone(),
+                **{key: torch.zeros_like(flat) for key in ADAM_MOMENTS},
+            }
+    engine.optimizer._hp_optimizer_states_linked = False  # point each weight's fragment at the new state
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
+    for index, param in enumerate(net.parameters()):
+        for key in ADAM_MOMENTS:
+            saved_moment = saved["state"].get(index, {}).get(key)
+            if saved_moment is not None:
+                safe_set_full_optimizer_state(param, saved_moment.to(param.device, torch.float32), key)
+
+
+def _scaler_state(engine) -> dict[str, Any]:
+    """fp16: the dynamic loss scale in torch.amp.GradScaler's layout; otherwise nothing."""
+    if not engine.fp16_enabled():
+        return {}
+    return {
+        "scale": float(engine.optimizer.loss_scale),
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": engine.loss_scale_window() if hasattr(engine, "loss_scale_window") else 2000,
+        "_growth_tracker": 0,
+    }
+
+
+def _load_scaler_state(engine, saved: dict[str, Any] | None) -> None:
+    if engine.fp16_enabled() and saved:
+        engine.optimizer.loss_scale = float(saved["scale"])
+
+
+def _start_equal(*nets: nn.Module) -> None:
+    """Rank 0's parameters and buffers everywhere, before DeepSpeed casts them.
+
+    DeepSpeed broadcasts parameters (not buffers) itself, as bytes, which fails for 0-dim tensors
+    (attention's gamma): those are broadcast here and marked so that DeepSpeed skips them.
+    """
+    for net in nets:
+        if torch.distributed.get_world_size() > 1:
+            for tensor in [*net.parameters(), *net.buffers()]:
+                torch.distributed.broadcast(tensor.data, 0)
+        for param in net.parameters():
+            if param.dim() == 0:
+                param.ds_optim_param = True  # DeepSpeed's engine does not broadcast parameters so marked

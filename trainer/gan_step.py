@@ -1,0 +1,213 @@
+"""The GAN update (hinge loss, TTUR Adam, mixed precision) behind one small interface per backend.
+
+A backend owns the wrapped networks, optimizers and loss scalers. The trainer calls ``d_step`` n_dis
+times and ``g_step`` once per step and reads ``G``/``D`` (the unwrapped modules) for EMA and samples.
+
+Every backend reports the loss averaged over all ranks, and decides together with all ranks whether
+an update is applied: a non-finite loss on any rank, or a non-finite averaged gradient, skips the
+update everywhere, so the ranks' weights never diverge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import parametrize
+
+from models.losses import d_hinge_loss, g_hinge_loss
+from trainer.config import ConfigError, TrainerConfig
+from trainer.distributed import Runtime
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Update:
+    loss: float
+    grad_norm: float
+    applied: bool  # False when the loss or a gradient was not finite and the step was skipped
+
+
+class Backend(Protocol):
+    G: nn.Module
+    D: nn.Module
+
+    def d_step(
+        self, real: torch.Tensor, y_real: torch.Tensor, z: torch.Tensor, y_fake: torch.Tensor
+    ) -> Update: ...
+
+    def g_step(self, z: torch.Tensor, y_fake: torch.Tensor) -> Update: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def total_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
+    """A scalar averaged over all ranks (itself when alone); NaN or inf anywhere makes it non-finite."""
+    value = value.detach().float().reshape(1)
+    if world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world_size
+    return float(value)
+
+
+class BatchNormGroups(nn.Module):
+    """G applied to consecutive groups of ``group_size`` samples: batch-norm statistics per group.
+
+    W ranks of b samples each normalise G's activations over their own b samples. One process with
+    groups of b computes the same function of the same W*b samples, so a run keeps its model when
+    the world size changes. Spectral norm is evaluated once for all groups (one power iteration per
+    call, as on every rank).
+    """
+
+    def __init__(self, G: nn.Module, group_size: int):
+        super().__init__()
+        self.G, self.group_size = G, group_size
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if len(z) <= self.group_size:
+            return self.G(z, y)
+        with parametrize.cached():
+            return torch.cat(
+                [self.G(z_, y_) for z_, y_ in zip(z.split(self.group_size), y.split(self.group_size))]
+            )
+
+
+def batch_norm_groups(G: nn.Module, cfg: TrainerConfig, world_size: int) -> nn.Module:
+    """G itself (statistics over the rank's whole batch) or G in groups of ``trainer.bn_group_size``."""
+    group_size = getattr(cfg, "bn_group_size", 0)
+    per_rank = cfg.global_batch_size // world_size
+    if not group_size or group_size == per_rank:
+        return G
+    if per_rank % group_size:
+        raise ConfigError(
+            f"trainer.bn_group_size={group_size} does not divide the per-rank batch {per_rank} "
+            f"(trainer.global_batch_size={cfg.global_batch_size} over {world_size} ranks): use a divisor or 0"
+        )
+    return BatchNormGroups(G, group_size)
+
+
+class DDPBackend:
+    """Plain PyTorch: DDP-wrapped G and D when the world is larger than one, Adam, a GradScaler per net.
+
+    Buffers are synchronised once, when DDP wraps the nets, and never again: G's batch-norm
+    statistics stay per rank, as in the original work, and spectral norm's u and v need no syncing —
+    each power iteration is a deterministic function of u, v and the weights, which are bit-identical
+    on every rank because every rank applies the same all-reduced gradient.
+    """
+
+    def __init__(self, G: nn.Module, D: nn.Module, cfg: TrainerConfig, runtime: Runtime):
+        self.cfg = cfg
+        self.device = runtime.device
+        self.world_size = runtime.world_size
+        self.G = G.to(self.device)
+        self.D = D.to(self.device)
+        self.generate = batch_norm_groups(self.G, cfg, runtime.world_size)
+        if runtime.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.g_train: nn.Module = DistributedDataParallel(
+                self.generate, device_ids=device_ids, forward_sync_buffers=False
+            )
+            self.d_train: nn.Module = DistributedDataParallel(
+                D, device_ids=device_ids, forward_sync_buffers=False
+            )
+        else:
+            self.g_train, self.d_train = self.generate, self.D
+        fused = self.device.type == "cuda"
+        self.opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g), fused=fused)
+        self.opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas_d), fused=fused)
+        fp16 = cfg.precision == "fp16"
+        self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.cfg.precision)
+
+    def d_step(
+        self, real: torch.Tensor, y_real: torch.Tensor, z: torch.Tensor, y_fake: torch.Tensor
+    ) -> Update:
+        with torch.no_grad(), self._autocast():
+            fake = self.generate(z, y_fake)
+        with self._autocast():
+            # One D forward over real and fake: one spectral-norm power iteration per D step.
+            logits = self.d_train(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake]))
+            loss = d_hinge_loss(logits[: real.shape[0]], logits[real.shape[0] :])
+        return self._apply(loss, self.D, self.opt_d, self.scaler_d)
+
+    def g_step(self, z: torch.Tensor, y_fake: torch.Tensor) -> Update:
+        self.D.requires_grad_(False)
+        try:
+            with self._autocast():
+                loss = g_hinge_loss(self.D(self.g_train(z, y_fake), y_fake))
+            return self._apply(loss, self.G, self.opt_g, self.scaler_g)
+        finally:
+            self.D.requires_grad_(True)
+
+    def _apply(
+        self, loss: torch.Tensor, net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    ) -> Update:
+        loss_value = mean_over_ranks(loss, self.world_size)
+        if not math.isfinite(loss_value):
+            # Decided from the all-ranks mean, so every rank skips the backward (and its all-reduce) alike.
+            opt.zero_grad(set_to_none=True)
+            return Update(loss_value, math.nan, False)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        # The gradients are all-reduced by now: the norm, and so the decision, is the same on every rank.
+        norm = float(total_grad_norm([p for p in net.parameters() if p.grad is not None]))
+        applied = math.isfinite(norm)
+        if applied:
+            scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return Update(loss_value, norm, applied)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "scaler_g": self.scaler_g.state_dict(),
+            "scaler_d": self.scaler_d.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        if state.get("scaler_g"):
+            self.scaler_g.load_state_dict(state["scaler_g"])
+        if state.get("scaler_d"):
+            self.scaler_d.load_state_dict(state["scaler_d"])
+
+
+def make_backend(G: nn.Module, D: nn.Module, cfg: TrainerConfig, runtime: Runtime) -> Backend:
+    if cfg.backend == "ddp":
+        return DDPBackend(G, D, cfg, runtime)
+    from trainer.deepspeed_backend import DeepSpeedBackend  # DeepSpeed is slow to import; only when asked
+
+    return DeepSpeedBackend(G, D, cfg, runtime)
