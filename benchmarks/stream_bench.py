@@ -5,8 +5,8 @@
     AWS_ENDPOINT_URL=... .venv/bin/python benchmarks/stream_bench.py --bucket my-bench-bucket   # real S3
 
 Fashion-MNIST is prepared once into a temporary folder and copied into the bucket (a moto server on
-127.0.0.1 started here unless --bucket names an existing one). Each row streams whole batches after a
-one-batch warm-up (DataLoader workers started, first block read), as the trainer would consume them.
+127.0.0.1 started here unless --bucket names an existing one). Each row streams whole batches from a
+fresh stream for one epoch (or --batches), start-up included: DataLoader workers, reading the first block.
 """
 
 from __future__ import annotations
@@ -71,16 +71,18 @@ def copy_dataset(source: str, target: str) -> None:
     dst.write_bytes(MANIFEST_NAME, src.read_bytes(MANIFEST_NAME))
 
 
-def measure(url: str, num_workers: int, batch_size: int, batches: int | None) -> tuple[float, int]:
+def measure(url: str, num_workers: int, batch_size: int, batches: int | None) -> tuple[int, float, float]:
+    """(batches, seconds to the first batch, images/s over all of them, start-up included)."""
     cfg = DataConfig(url=url, prepare_source="", num_workers=num_workers)
     stream = ShardStream(cfg, rank=0, world_size=1, batch_size=batch_size, seed=0, resolution=32)
     count = batches or stream.batches_remaining()
-    iterator = iter(stream)
-    next(iterator)  # warm-up
     started = time.perf_counter()
+    iterator = iter(stream)
+    next(iterator)
+    first = time.perf_counter() - started
     for images, _ in itertools.islice(iterator, count - 1):
         assert images.shape[0] == batch_size
-    return (count - 1) * batch_size / (time.perf_counter() - started), count - 1
+    return count, first, count * batch_size / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -113,11 +115,11 @@ def main() -> None:
             print(
                 f"batch {args.batch_size}, resolution 32, {os.cpu_count()} CPUs, shard size {args.shard_size}"
             )
-            print(f"{'source':<8} {'workers':>7} {'batches':>8} {'images/s':>10}")
+            print(f"{'source':<8} {'workers':>7} {'batches':>8} {'first batch s':>14} {'images/s':>10}")
             for name, url in (("disk", local), ("s3", remote)):
                 for workers in (int(w) for w in args.workers.split(",")):
-                    rate, count = measure(url, workers, args.batch_size, args.batches)
-                    print(f"{name:<8} {workers:>7} {count:>8} {rate:>10.0f}", flush=True)
+                    count, first, rate = measure(url, workers, args.batch_size, args.batches)
+                    print(f"{name:<8} {workers:>7} {count:>8} {first:>14.2f} {rate:>10.0f}", flush=True)
             if args.bucket is not None:
                 store = open_store(remote)
                 store.delete(store.list())

@@ -29,11 +29,17 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+_SIGNATURES = {b"\x89PNG": ("PNG",), b"\xff\xd8\xff": ("JPEG",)}
+
+
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode any format Pillow reads into RGB; raises on undecodable bytes (any exception type)."""
-    with Image.open(io.BytesIO(data)) as image:
+    formats = next(
+        (f for sig, f in _SIGNATURES.items() if data.startswith(sig)), None
+    )  # skips format probing
+    with Image.open(io.BytesIO(data), formats=formats) as image:
         image.load()
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def to_array(image: Image.Image) -> np.ndarray:

@@ -245,30 +245,25 @@ def _s3_client() -> Any:
         return client
 
 
+class _ShortRead(Exception):
+    """The body ended before Content-Length bytes arrived."""
+
+
 def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Failures of the connection rather than of the request: worth a retry."""
     import urllib3.exceptions
-    from botocore.exceptions import (
-        ConnectionError as BotoConnectionError,
-    )
-    from botocore.exceptions import (
-        HTTPClientError,
-        IncompleteReadError,
-    )
+    from botocore import exceptions as boto
 
     return (
-        BotoConnectionError,
-        HTTPClientError,
-        IncompleteReadError,
+        boto.ConnectionError,
+        boto.HTTPClientError,
+        boto.IncompleteReadError,
         urllib3.exceptions.HTTPError,
         http.client.HTTPException,
         ConnectionError,
         TimeoutError,
         _ShortRead,
     )
-
-
-class _ShortRead(Exception):
-    """The body ended before Content-Length bytes arrived."""
 
 
 _TRANSIENT_CODES = {
@@ -509,3 +504,13 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> Bina
 
 
 webdataset.gopen_schemes["s3"] = _gopen_s3
+
+
+def _after_fork_in_child() -> None:
+    """A thread of the parent may have held a lock at the fork; the child starts with fresh ones."""
+    global _retry_lock, _clients_lock
+    _retry_lock, _clients_lock = threading.Lock(), threading.Lock()
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

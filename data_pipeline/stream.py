@@ -18,20 +18,18 @@ re-splits what remains for any world size, batch size or worker count.
 from __future__ import annotations
 
 import logging
-import tarfile
 import time
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
+from data_pipeline import shards
 from data_pipeline.errors import DataError, ObjectNotFound
 from data_pipeline.images import RESAMPLE, decode_rgb, fit_square, to_array
 from data_pipeline.manifest import Manifest, read_manifest
@@ -51,9 +49,8 @@ Interval = tuple[int, int, int]  # (epoch, start, end): positions start..end-1 o
 @dataclass
 class DataConfig:
     url: str = "data/fashion-mnist-32"  # shard folder or s3:// prefix holding manifest.parquet
-    prepare_source: str = (
-        "fashion-mnist"  # prepared into `url` on first use if the manifest is missing; "" = never
-    )
+    prepare_source: str = "fashion-mnist"  # prepared into `url` if its manifest is missing; "" = never
+    prepare_shard_size: str = "8MB"  # shard size of that first-use preparation
     num_workers: int = 2
     shuffle_block_shards: int = 4  # shards whose samples are shuffled together
     remainder: str = "drop"  # drop | wrap  (the tail of an epoch smaller than one global batch)
@@ -147,7 +144,7 @@ class Segment:
         num_runs: int,
         *,
         wrap_step: bool = False,
-    ):
+    ) -> Segment:
         steps = total(intervals) // (world_size * batch_size)
         return cls(intervals, world_size, batch_size, num_runs, min(steps, 1) if wrap_step else steps)
 
@@ -204,40 +201,19 @@ class Segment:
 # --------------------------------------------------------------------------------------------------
 # Reading batches (runs in DataLoader workers)
 
+Encoded = dict[str, bytes] | str  # a sample's files by extension, or the reason it is missing
 Sample = tuple[np.ndarray | None, int, str]  # (CHW uint8 image, label, "" or the reason it was skipped)
 
 
-def _sample_groups(stream: BinaryIO) -> Iterator[dict[str, bytes]]:
-    """WebDataset samples of a tar stream: consecutive members sharing a key (``<key>.<ext>``).
-
-    A sample is yielded as soon as the next key's header appears, before that member's data is read,
-    so a sample is never blamed for the truncation of the one after it."""
-    key, files = None, {}
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:  # like webdataset: plain or compressed
-        for member in tar:
-            stem, ext = base_plus_ext(member.name)
-            if not member.isreg() or stem is None or member.name.startswith("__"):
-                continue
-            if stem != key:
-                if key is not None:
-                    yield files
-                key, files = stem, {}
-            files[ext.lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    if key is not None:
-        yield files
-
-
 class _BatchReader:
-    """Turns lists of positions into batches: loads the blocks a worker's run touches, decodes the
-    samples it needs, fills skipped slots with valid samples of the same batch."""
+    """Turns lists of positions into batches: loads the blocks a worker's run touches (the encoded
+    samples it needs), decodes batch by batch, fills skipped slots with valid samples of the batch."""
 
     def __init__(self, manifest: Manifest, cfg: DataConfig, *, seed: int, block_shards: int, resolution: int):
-        self.manifest, self.seed, self.block_shards, self.resolution = (
-            manifest,
-            seed,
-            block_shards,
-            resolution,
-        )
+        self.manifest = manifest
+        self.seed = seed
+        self.block_shards = block_shards
+        self.resolution = resolution
         self.reject_wrong_size = cfg.wrong_size == "reject"
         self.skip_unreachable = cfg.skip_unreachable_shards
         self.store: Store = open_store(
@@ -246,6 +222,7 @@ class _BatchReader:
         self.shard_counts = np.array([s.num_samples for s in manifest.shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_counts)])
         self.orders: dict[int, EpochOrder] = {}
+        self.logged_shards: set[int] = set()  # shards whose problems were logged (once per shard)
 
     def order(self, epoch: int) -> EpochOrder:
         if epoch not in self.orders:
@@ -293,26 +270,25 @@ class _BatchReader:
             for key in keys:
                 needed.setdefault(key, []).extend(samples[t].tolist())
                 last_use[key] = t
-        block_keys = list(needed)
-        block_rank = {key: i for i, key in enumerate(block_keys)}
-        loaded: dict[tuple[int, int], list[Future[dict[int, Sample]]]] = {}
+        sequence = list(needed)  # blocks in the order of first use
+        rank = {key: i for i, key in enumerate(sequence)}
+        pending: dict[tuple[int, int], list[Future[dict[int, Encoded]]]] = {}
+        ready: dict[tuple[int, int], dict[int, Encoded]] = {}
         pool = ThreadPoolExecutor(SHARD_READ_THREADS, thread_name_prefix="shard-read")
         try:
-            next_block = 0
+            submitted = 0
             for t, (index, _) in enumerate(tasks):
-                want = max(block_rank[k] for k in touched[t]) + 1  # + 1: prefetch the next block
-                while next_block <= min(want, len(block_keys) - 1):
-                    key = block_keys[next_block]
-                    loaded[key] = self.submit_block(pool, key, needed[key])
-                    next_block += 1
-                pool_samples: dict[int, Sample] = {}
+                upto = max(rank[key] for key in touched[t]) + 1  # + 1: read the next block ahead
+                for key in sequence[submitted : upto + 1]:
+                    pending[key] = self.submit_block(pool, key, needed[key])
+                submitted = max(submitted, min(upto + 1, len(sequence)))
                 for key in touched[t]:
-                    for future in loaded[key]:
-                        pool_samples.update(future.result())
-                images, labels, skipped = self.assemble(index, samples[t], pool_samples)
+                    if key in pending:
+                        ready[key] = {g: e for future in pending.pop(key) for g, e in future.result().items()}
+                images, labels, skipped = self.assemble(index, samples[t], [ready[key] for key in touched[t]])
                 for key in touched[t]:
                     if last_use[key] == t:
-                        del loaded[key]
+                        del ready[key]
                 retries_now = self.store.retries
                 yield {
                     "index": index,
@@ -329,7 +305,7 @@ class _BatchReader:
 
     def submit_block(
         self, pool: ThreadPoolExecutor, key: tuple[int, int], samples: list[int]
-    ) -> list[Future[dict[int, Sample]]]:
+    ) -> list[Future[dict[int, Encoded]]]:
         epoch, block = key
         wanted = set(samples)
         futures = []
@@ -340,20 +316,19 @@ class _BatchReader:
                 futures.append(pool.submit(self.read_shard, int(shard), offsets))
         return futures
 
-    def read_shard(self, shard: int, offsets: set[int]) -> dict[int, Sample]:
-        """The wanted samples of one shard, keyed by global sample index."""
+    def read_shard(self, shard: int, offsets: set[int]) -> dict[int, Encoded]:
+        """The wanted samples of one shard (their files, or why they are missing), by global index."""
         info, url = self.manifest.shards[shard], self.manifest.shard_url(shard)
         start = int(self.shard_starts[shard])
-        results: dict[int, Sample] = {}
-        reasons: Counter[str] = Counter()
-        last = max(offsets)
-        missing_reason = "truncated"
+        results: dict[int, Encoded] = {}
+        last = min(max(offsets), info.num_samples - 1)
+        missing = "truncated"
         try:
             with self.store.open_read(info.name) as stream:
-                for offset, files in enumerate(_sample_groups(stream)):
+                for offset, files in enumerate(shards.samples(stream)):
                     if offset in offsets:
-                        results[start + offset] = self.decode(files)
-                    if offset >= min(last, info.num_samples - 1):
+                        results[start + offset] = files
+                    if offset >= last:
                         break
         except DataError as exc:
             if not self.skip_unreachable:
@@ -361,27 +336,28 @@ class _BatchReader:
                     "" if isinstance(exc, ObjectNotFound) else " (data.skip_unreachable_shards=true skips it)"
                 )
                 raise DataError(f"data shard unreachable: {exc}{hint}") from None
-            missing_reason = "unreachable"
-            log.warning("skipping unreachable shard %s: %s", url, exc)
-        except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
-            log.debug("shard %s ends early: %s", url, exc)
-        for offset in offsets:
-            if start + offset not in results:
-                results[start + offset] = (None, 0, missing_reason)
-        reasons.update(r[2] for r in results.values() if r[2])
-        if reasons and missing_reason != "unreachable":
-            summary = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
-            log.warning(
-                "skipping %d of %d samples read from %s: %s",
-                sum(reasons.values()),
-                len(offsets),
-                url,
-                summary,
+            missing = "unreachable"
+            self.log_once(shard, "skipping unreachable shard %s: %s", url, exc)
+        except (shards.ShardDamaged, OSError) as exc:
+            self.log_once(shard, "skipping the samples after the end of damaged shard %s: %s", url, exc)
+        lost = [offset for offset in offsets if start + offset not in results]
+        if lost and missing == "truncated":
+            self.log_once(
+                shard, "shard %s ends before %d of its %d samples", url, len(lost), info.num_samples
             )
+        for offset in lost:
+            results[start + offset] = missing
         return results
 
-    def decode(self, files: dict[str, bytes]) -> Sample:
-        data = next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
+    def log_once(self, shard: int, message: str, *args: Any) -> None:
+        if shard not in self.logged_shards:
+            self.logged_shards.add(shard)
+            log.warning(message, *args)
+
+    def decode(self, encoded: Encoded) -> Sample:
+        if isinstance(encoded, str):
+            return None, 0, encoded
+        data = next((encoded[ext] for ext in IMAGE_EXTENSIONS if ext in encoded), None)
         if data is None:
             return None, 0, "decode"
         try:
@@ -389,7 +365,7 @@ class _BatchReader:
         except Exception:  # Pillow raises many types for bad bytes
             return None, 0, "decode"
         try:
-            label = int(files["cls"].decode("ascii").strip())
+            label = int(encoded["cls"].decode("ascii").strip())
         except (KeyError, ValueError, UnicodeDecodeError):
             return None, 0, "label"
         if not 0 <= label < self.manifest.num_classes:
@@ -404,17 +380,26 @@ class _BatchReader:
         return to_array(image).transpose(2, 0, 1), label, ""
 
     def assemble(
-        self, index: int, samples: np.ndarray, decoded: dict[int, Sample]
+        self, index: int, samples: np.ndarray, blocks: list[dict[int, Encoded]]
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         r = self.resolution
         images = np.empty((len(samples), 3, r, r), dtype=np.uint8)
         labels = np.empty(len(samples), dtype=np.int64)
-        results = [decoded[int(g)] for g in samples]
+        results = [self.decode(next(b[g] for b in blocks if g in b)) for g in samples.tolist()]
+        for g, (_, _, reason) in zip(samples, results):
+            if reason and reason not in ("truncated", "unreachable"):  # those were logged when read
+                shard = self.shard_of(int(g))
+                self.log_once(
+                    shard,
+                    "skipping a sample of %s (%s); more in this shard are only counted",
+                    self.manifest.shard_url(shard),
+                    reason,
+                )
         valid = [i for i, (_, _, reason) in enumerate(results) if not reason]
         if not valid:
-            shards = sorted({self.manifest.shard_url(self.shard_of(int(g))) for g in samples})
+            urls = sorted({self.manifest.shard_url(self.shard_of(int(g))) for g in samples})
             raise DataError(
-                f"batch {index} has no valid sample: every sample from {', '.join(shards[:3])} was skipped"
+                f"batch {index} has no valid sample: every sample from {', '.join(urls[:3])} was skipped"
             )
         skipped: Counter[str] = Counter()
         for i, (image, label, reason) in enumerate(results):

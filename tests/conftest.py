@@ -29,7 +29,7 @@ class MotoServer:
     endpoint: str  # http://127.0.0.1:PORT
     env: dict[str, str]  # the AWS variables that point boto3 at it
 
-    def client(self):
+    def client(self):  # a plain boto3 S3 client, for tests to arrange and inspect the bucket directly
         import boto3
 
         return boto3.client(
@@ -71,38 +71,52 @@ def _missing_tool(message: str) -> None:
     pytest.skip(message)
 
 
+def _start(command: list[str], log_path: Path) -> tuple[subprocess.Popen, str] | None:
+    """Start moto on a free port and wait until it answers; None if it exited (the port was taken)."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [*command, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + MOTO_START_SECONDS
+    while process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
+                return process, endpoint
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                pytest.fail(f"moto_server did not answer on {endpoint} within {MOTO_START_SECONDS}s")
+            time.sleep(0.1)
+    return None
+
+
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     command = _moto_command()
     if command is None:
         _missing_tool("moto_server is not installed: pip install 'moto[server]'")
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [*command, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-        )
+    started = next((s for s in (_start(command, log_path) for _ in range(3)) if s is not None), None)
+    if started is None:
+        pytest.fail(f"moto_server did not start: {log_path.read_text()[-2000:]}")
+    process, endpoint = started
     try:
-        deadline = time.monotonic() + MOTO_START_SECONDS
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"moto_server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not answer on {endpoint} within {MOTO_START_SECONDS}s")
-                time.sleep(0.1)
-        env = {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_REGION": "us-east-1",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-        yield MotoServer(endpoint, env)
+        yield MotoServer(
+            endpoint,
+            {
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_REGION": "us-east-1",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_CONFIG_FILE": os.devnull,  # the developer's ~/.aws must not leak in
+                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                "AWS_EC2_METADATA_DISABLED": "true",
+            },
+        )
     finally:
         process.terminate()
         try:
@@ -117,9 +131,6 @@ def s3_env(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
     """The AWS variables point at the moto server for this test; returns its endpoint."""
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     for name, value in moto_server.env.items():
         monkeypatch.setenv(name, value)
     return moto_server.endpoint

@@ -232,7 +232,15 @@ def load_for_resume(
         raise CheckpointError(choice)
     if choice is None:
         return None
-    return found if found is not None else (choice, *checkpointer.load(choice))
+    if found is not None:
+        return found
+    try:
+        return (choice, *checkpointer.load(choice))
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"rank {rank} cannot read the checkpoint rank 0 resumes from ({err}); checkpoint.url must be "
+            "storage every node reads: s3:// or a shared filesystem"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,6 +326,11 @@ class Checkpointer:
         self._thread = threading.Thread(target=self._write, args=(job,), name=f"checkpoint-step_{step}")
         self._thread.start()
 
+    @property
+    def busy(self) -> bool:
+        """True while a save is being written in the background."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self) -> None:
         """Block until the last save is committed; raise a CheckpointError if it could not be."""
         job = self._join()
@@ -366,7 +379,10 @@ class Checkpointer:
                 "checkpoint step_%d committed to %s (%.1f MB in %.2fs)",
                 job.step, self.url, spool.size / 2**20 if spool else 0.0, seconds,
             )  # fmt: skip
-            self.purge()
+            try:
+                self.purge()
+            except Exception as err:  # the checkpoint is committed; a purge that broke must not hide that
+                log.warning("checkpoint purge failed: %s", _first_line(err))
         finally:
             job.state = None
             if spool is not None:

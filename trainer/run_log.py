@@ -36,6 +36,6 @@ def read_run_log(run_dir: str | Path) -> pa.Table:
         raise FileNotFoundError(f"no run log under {Path(run_dir) / 'log'}")
     rows: dict[int, dict] = {}
     for part in parts:
-        for row in pq.read_table(part).to_pylist():
+        for row in pq.ParquetFile(part).read(use_threads=False).to_pylist():  # apache/arrow#34314
             rows[row["step"]] = row
     return pa.Table.from_pylist([rows[s] for s in sorted(rows)])

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data_pipeline.errors import ObjectNotFound
 from data_pipeline.manifest import read_manifest
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare import parse_size, prepare
 from data_pipeline.stream import ShardStream
 from models.ema import EMA
 from models.sagan import attention_gammas, build_models
@@ -39,13 +40,17 @@ def ensure_dataset(cfg: Config, runtime: Runtime) -> None:
     """Prepare the configured dataset on first use (rank 0 only; the others wait for the manifest)."""
     if not cfg.data.prepare_source or not runtime.is_main:
         return
-    from data_pipeline.errors import DataError
-
     try:
         read_manifest(cfg.data.url)
-    except DataError:
+    except ObjectNotFound:
         log.info("no dataset at %s yet: preparing %s", cfg.data.url, cfg.data.prepare_source)
-        prepare(cfg.data.prepare_source, cfg.data.url, image_size=cfg.model.resolution, seed=cfg.trainer.seed)
+        prepare(
+            cfg.data.prepare_source,
+            cfg.data.url,
+            image_size=cfg.model.resolution,
+            shard_size=parse_size(cfg.data.prepare_shard_size),
+            seed=cfg.trainer.seed,
+        )
 
 
 def noise(

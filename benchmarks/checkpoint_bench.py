@@ -1,0 +1,175 @@
+"""Training stall of a checkpoint save, asynchronous vs synchronous, for the default model.
+
+    .venv/bin/python benchmarks/checkpoint_bench.py                    # local disk, the default model
+    .venv/bin/python benchmarks/checkpoint_bench.py --moto             # a local S3 server (moto) over HTTP
+    .venv/bin/python benchmarks/checkpoint_bench.py model.g_channels=64 model.d_channels=64
+
+A real Trainer (the default config; data: the bundled digits, the same 32x32 and 10 classes as the
+default Fashion-MNIST run) takes GAN steps on fixed batches. Each save goes through
+``Trainer.save_checkpoint``, as in the loop. Reported per save, as medians:
+
+- stall: how long the loop waited in ``save_checkpoint`` (``sagan_checkpoint_seconds{phase="stall"}``);
+- write: snapshot to commit (``sagan_checkpoint_seconds{phase="write"}``; for sync it is inside the stall);
+- cpu: CPU time of one save, all threads: what the background writer takes from training when the
+  machine has no idle core for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import Checkpointer
+from trainer.config import load_config
+from trainer.distributed import init_runtime
+from trainer.trainer import Trainer, ensure_dataset
+
+
+def gan_step(trainer: Trainer, real: torch.Tensor, labels: torch.Tensor) -> float:
+    """One training step as the loop takes it (n_dis D steps, a G step, EMA), on a fixed batch."""
+    t = trainer.cfg.trainer
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(trainer.step)
+    for _ in range(t.n_dis):
+        z = torch.randn(len(real), trainer.cfg.model.z_dim, generator=generator)
+        trainer.backend.d_step(real, labels, z, labels)
+    trainer.backend.g_step(torch.randn(len(real), trainer.cfg.model.z_dim, generator=generator), labels)
+    trainer.ema.update(trainer.backend.G, t.ema_decay)
+    trainer.step += 1
+    return time.perf_counter() - started
+
+
+def measure(trainer: Trainer, url: str, asynchronous: bool, saves: int, steps: int) -> dict[str, float]:
+    """Per save: the loop's stall, the write (snapshot to commit) while ``steps`` training steps go on,
+    and the CPU time of the save alone (all threads, a save then wait with no training around it)."""
+    real, labels = fixed_batch(trainer)
+    trainer.checkpointer = Checkpointer(url, 2, metrics=trainer.metrics, asynchronous=asynchronous)
+    stalls, writes, cpu, unfinished = [], [], [], 0
+    for _ in range(saves):
+        started = time.perf_counter()
+        trainer.save_checkpoint()
+        stalls.append(time.perf_counter() - started)
+        for _ in range(steps):
+            gan_step(trainer, real, labels)
+        unfinished += trainer.checkpointer.busy
+        trainer.checkpointer.wait()
+        writes.append(
+            trainer.metrics.registry.get_sample_value("sagan_checkpoint_seconds", {"phase": "write"})
+        )
+        gan_step(trainer, real, labels)
+        started = time.process_time()
+        trainer.save_checkpoint()
+        trainer.checkpointer.wait()
+        cpu.append(time.process_time() - started)
+    return {
+        "stall": statistics.median(stalls),
+        "write": statistics.median(writes),
+        "cpu": statistics.median(cpu),
+        "unfinished": unfinished,
+    }
+
+
+def fixed_batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    r = trainer.cfg.model.resolution
+    real = torch.rand(trainer.batch_size, 3, r, r, generator=generator) * 2 - 1
+    labels = torch.randint(0, trainer.num_classes, (trainer.batch_size,), generator=generator)
+    return real, labels
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 with a bucket ``bench``; yields the checkpoint URL."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
+                break
+            time.sleep(0.1)
+        os.environ.update(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_REGION="us-east-1",
+        )
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="bench")
+        yield "s3://bench/checkpoints"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--saves", type=int, default=5, help="saves per mode; medians are printed")
+    parser.add_argument("--steps", type=int, default=2, help="training steps taken after each save")
+    parser.add_argument(
+        "--moto", action="store_true", help="checkpoints to a local S3 server instead of disk"
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.g_channels=64")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
+        url = stack.enter_context(moto_server()) if args.moto else f"{scratch}/checkpoints"
+        cfg = load_config(
+            None,
+            [
+                f"data.url={scratch}/digits-32",
+                "data.prepare_source=digits",
+                "data.num_workers=0",
+                f"run.dir={scratch}/run",
+                "metrics.port=0",
+                "checkpoint.resume=false",
+                *args.overrides,
+            ],
+        )
+        runtime = init_runtime("cpu")
+        ensure_dataset(cfg, runtime)
+        trainer = Trainer(cfg, runtime)
+        real, labels = fixed_batch(trainer)
+        baseline = statistics.median(gan_step(trainer, real, labels) for _ in range(4))
+        parameters = sum(
+            p.numel() for net in (trainer.backend.G, trainer.backend.D) for p in net.parameters()
+        )
+        results = {
+            mode: measure(trainer, url, mode == "async", args.saves, args.steps) for mode in ("sync", "async")
+        }
+        size = Checkpointer(url).load_latest()[2]["files"]["state.pt"]["bytes"]
+    m = cfg.model
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; model g_channels={m.g_channels} "
+        f"d_channels={m.d_channels} z_dim={m.z_dim} resolution={m.resolution}: {parameters / 1e6:.2f}M parameters "
+        f"(G+D); batch {trainer.batch_size}; checkpoints on {'S3 (moto)' if args.moto else 'local disk'}, "
+        f"{size / 2**20:.1f} MB each"
+    )
+    print(f"training step without a save: {baseline * 1e3:.1f} ms (median)", flush=True)
+    print(f"{'mode':>6} {'stall ms':>9} {'write ms':>9} {'cpu ms':>7}  (medians of {args.saves} saves)")
+    for mode, r in results.items():
+        note = f"  ({r['unfinished']} writes outlasted {args.steps} steps)" if r["unfinished"] else ""
+        print(f"{mode:>6} {r['stall'] * 1e3:9.1f} {r['write'] * 1e3:9.1f} {r['cpu'] * 1e3:7.1f}{note}")
+
+
+if __name__ == "__main__":
+    main()

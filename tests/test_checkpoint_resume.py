@@ -1,0 +1,213 @@
+"""Resume through the real command line: bit-exact continuation, kill -9 under torchrun with restarts,
+world-size changes (2 -> 1 -> 2 ranks) with checkpoints on the S3 server, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.checkpoint import Checkpointer, load_folder
+from trainer.run_log import read_run_log
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SAGAN = str(BIN / "sagan")
+TORCHRUN = str(BIN / "torchrun")
+TINY = [
+    "configs/smoke.yaml",
+    "model.g_channels=8",
+    "model.d_channels=8",
+    "model.z_dim=16",
+    "trainer.global_batch_size=8",
+    "data.num_workers=0",
+    "metrics.port=0",
+    "trainer.log_interval=1",
+    "trainer.sample_interval=100000",
+]
+# One OpenMP thread per process: the 2 shared cores are oversubscribed otherwise. Workers restarted by
+# torchrun need the rendezvous store not to be shared with them (pytorch/pytorch#135712).
+ENV = {"OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+TIMEOUT = 600
+
+pytestmark = pytest.mark.slow
+
+
+def run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, **ENV, **(env or {})},
+    )
+    return result
+
+
+def train(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run([SAGAN, "train", *TINY, *args], env)
+
+
+def torchrun_train(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return run(
+        [TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "launch.cli", "train", *TINY, *args], env
+    )
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stderr
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "digits-32"
+    result = run([SAGAN, "prepare", "--source", "digits", "--out", str(out), "--shard-size", "100KB"])
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_a_resumed_run_matches_an_uninterrupted_one_bit_for_bit(digits, tmp_path):
+    data = f"data.url={digits}"
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert_ok(train(data, f"run.dir={whole}", "trainer.max_steps=8", "checkpoint.interval_steps=4"))
+    assert_ok(train(data, f"run.dir={split}", "trainer.max_steps=4", "checkpoint.interval_steps=4"))
+    stderr = assert_ok(train(data, f"run.dir={split}", "trainer.max_steps=8", "checkpoint.interval_steps=4"))
+    assert f"resumed from {split / 'checkpoints' / 'step_4'} at step 4" in stderr
+
+    columns = ["loss_d", "loss_g", "grad_norm_d", "grad_norm_g"]
+    logs = [read_run_log(run).to_pylist() for run in (whole, split)]
+    after = [[{c: row[c] for c in ["step", *columns]} for row in log if row["step"] > 4] for log in logs]
+    assert [row["step"] for row in after[0]] == [5, 6, 7, 8]
+    assert after[0] == after[1]  # exact float equality, not approximate
+
+    final = [load_folder(run / "checkpoints" / "step_8")[0] for run in (whole, split)]
+    for key in ("step", "backend", "G_ema", "data"):
+        assert same(final[0][key], final[1][key]), key
+    assert final[0]["backend"]["opt_g"]["state"][0]["step"] == 8  # Adam's step count went on from 4
+
+    # Another model on the same checkpoints: refused in one line, nothing written or lost.
+    result = train(data, f"run.dir={split}", "trainer.max_steps=10", "model.g_channels=16")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sagan train: error: ")]
+    assert len(errors) == 1 and "was trained with model.g_channels=8, this run has 16" in errors[0]
+    assert Checkpointer(str(split / "checkpoints")).committed_steps() == [4, 8]
+    assert same(load_folder(split / "checkpoints" / "step_8")[0]["backend"], final[1]["backend"])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_kill_9_of_a_worker_under_torchrun_restarts_and_finishes(digits, tmp_path):
+    run_dir = tmp_path / "run"
+    latest = run_dir / "checkpoints" / "LATEST"
+    command = [
+        TORCHRUN, "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=2", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-conf=last_call_timeout=1", "--monitor-interval=0.5",
+        "-m", "launch.cli", "train", *TINY, f"data.url={digits}", f"run.dir={run_dir}",
+        "trainer.max_steps=14", "checkpoint.interval_steps=2",
+    ]  # fmt: skip
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:
+        job = subprocess.Popen(
+            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ENV}
+        )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (latest.is_file() and latest.read_text() not in ("step_2",)):
+            assert job.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint after step 2 appeared"
+            time.sleep(0.1)
+        killed_at = int(latest.read_text().removeprefix("step_"))
+        workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        assert job.wait(timeout=TIMEOUT) == 0, log_path.read_text()[-4000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    output = log_path.read_text()
+    resumed = [line for line in output.splitlines() if "resumed from" in line]
+    assert resumed, output[-4000:]  # torchrun restarted the workers, and they resumed from a checkpoint
+    resumed_at = int(resumed[0].rsplit("at step ", 1)[1])
+    assert killed_at <= resumed_at < 14
+    assert latest.read_text() == "step_14"
+    state, manifest = load_folder(run_dir / "checkpoints" / "step_14")
+    assert state["step"] == 14 and manifest["world_size"] == 2
+    assert read_run_log(run_dir).column("step").to_pylist() == list(range(1, 15))
+
+
+def remaining_positions(state: dict) -> int:
+    return sum(end - start for _, start, end in json.loads(state["data"])["remaining"])
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_world_size_changes_2_1_2_on_s3(backend, digits, tmp_path, moto_server, s3_bucket):
+    url = f"s3://{s3_bucket}/runs/{backend}/checkpoints"
+    common = [
+        f"data.url={digits}",
+        f"run.dir={tmp_path / 'run'}",
+        f"checkpoint.url={url}",
+        f"trainer.backend={backend}",
+    ]
+    common.append("checkpoint.interval_steps=2")
+    env = moto_server.env
+    assert_ok(torchrun_train(*common, "trainer.max_steps=2", env=env))
+    stderr = assert_ok(train(*common, "trainer.max_steps=4", env=env))
+    assert f"resumed from {url}/step_2 at step 2" in stderr
+    stderr = assert_ok(torchrun_train(*common, "trainer.max_steps=6", env=env))
+    assert f"resumed from {url}/step_4 at step 4" in stderr
+
+    ckpt = Checkpointer(url)
+    assert ckpt.committed_steps() == [2, 4, 6]
+    states = {step: ckpt.load(step) for step in (2, 4, 6)}
+    assert [states[s][1]["world_size"] for s in (2, 4, 6)] == [2, 1, 2]
+    assert [len(states[s][0]["rng"]) for s in (2, 4, 6)] == [2, 1, 2]  # one RNG state per rank
+    num_samples = json.loads(states[2][0]["data"])["num_samples"]
+    for step, (state, _) in states.items():
+        # The data position carried over each change of world size: 8 images per step, none twice.
+        assert remaining_positions(state) == num_samples - 8 * step
+        for net in ("opt_g", "opt_d"):
+            assert {int(s["step"]) for s in state["backend"][net]["state"].values()} == {step}
+        assert state["backend"]["G"].keys() == states[2][0]["backend"]["G"].keys()
+
+
+def test_missing_credentials_for_checkpoints_is_a_one_line_error(digits, tmp_path, moto_server, s3_bucket):
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update(
+        AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true"
+    )
+    env.update(
+        {k: v for k, v in moto_server.env.items() if not k.startswith("AWS_ACCESS") and "SECRET" not in k}
+    )
+    result = subprocess.run(
+        [SAGAN, "train", *TINY, f"data.url={digits}", f"run.dir={tmp_path}", f"checkpoint.url=s3://{s3_bucket}/c"],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, env={**env, **ENV},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sagan train: error: ")]
+    assert len(errors) == 1 and "no S3 credentials" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
