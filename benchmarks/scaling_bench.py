@@ -5,11 +5,11 @@
     .venv/bin/python benchmarks/scaling_bench.py --backend deepspeed -- trainer.zero_stage=2
 
 Each row is a real ``sagan train`` run (torchrun for more than one process) on the bundled digits at
-32x32 with the default model widths; anything after ``--`` is passed on as config overrides. Images/s
+32x32, G and D 16 channels wide; anything after ``--`` is passed on as config overrides. Images/s
 counts real images through D per second over all ranks, timed from rank 0's run log between the end
 of the warm-up and the last step (start-up, the first steps and the final checkpoint excluded).
-Processes share the machine's cores (one OpenMP thread each when there are several), so on a CPU box
-the ideal is a flat images/s — the rows show what the gradient all-reduce costs.
+Every process gets one OpenMP thread (--threads), so N processes use N cores: the ideal is N times
+the one-process rate, and the shortfall is the gradient all-reduce plus whatever else runs on the box.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from trainer.run_log import read_run_log
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MODEL = ["model.g_channels=32", "model.d_channels=32", "model.z_dim=128"]
+MODEL = ["model.g_channels=16", "model.d_channels=16", "model.z_dim=128"]
 
 
 def train(procs: int, args: argparse.Namespace, run_dir: Path, overrides: list[str]) -> float:
@@ -48,7 +48,11 @@ def train(procs: int, args: argparse.Namespace, run_dir: Path, overrides: list[s
     ]
     launcher = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={procs}", "--no-python"]
     command = [*(launcher if procs > 1 else []), str(BIN / "sagan"), "train", *config]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": str(args.threads),
+    }
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
@@ -61,10 +65,11 @@ def train(procs: int, args: argparse.Namespace, run_dir: Path, overrides: list[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--procs", default="1,2", help="comma-separated process counts")
-    parser.add_argument("--per-rank-batch", type=int, default=16)
+    parser.add_argument("--per-rank-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=40, help="generator steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=10, help="steps before timing starts")
     parser.add_argument("--backend", default="ddp", choices=("ddp", "deepspeed"))
+    parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per process")
     parser.add_argument("--data", default=None, help="a prepared dataset (default: digits, prepared here)")
     parser.add_argument("overrides", nargs="*", help="config overrides after --, e.g. trainer.precision=bf16")
     args = parser.parse_args()
@@ -78,7 +83,8 @@ def main() -> None:
 
             prepare("digits", args.data, image_size=32, progress=False)
         print(
-            f"backend={args.backend}, per-rank batch {args.per_rank_batch}, {os.cpu_count()} cores, {MODEL}"
+            f"backend={args.backend}, per-rank batch {args.per_rank_batch}, {args.threads} thread(s) per "
+            f"process, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), {' '.join(MODEL)}"
         )
         print(f"{'procs':>5} {'global batch':>12} {'images/s':>9} {'per proc':>9} {'vs first':>9}")
         baseline = None

@@ -13,6 +13,9 @@ set -euo pipefail
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')
 fi
+# Restarted workers must not share the agent's rendezvous store: with it they meet the previous round's
+# addresses and gloo/NCCL fail to connect (pytorch/pytorch#135712, still so in torch 2.13).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec torchrun \
   --nnodes="$NNODES" \
   --nproc_per_node="$NPROC_PER_NODE" \

@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,6 +89,29 @@ def test_the_snapshot_is_taken_before_save_returns(tmp_path):
     first, second = ckpt.load(1)[0], ckpt.load(2)[0]
     assert first["weights"].unique().tolist() == [1.0] and first["nested"]["ints"] == [1, 2]
     assert second["weights"].unique().tolist() == [101.0] and second["step"] == 2
+
+
+def test_module_and_optimizer_state_round_trip_and_other_objects_are_refused_at_save(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.0, 0.9))
+    net(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(1, {"net": net.state_dict(), "opt": opt.state_dict()})
+    ckpt.wait()
+    state = ckpt.load(1)[0]
+    assert state["net"]._metadata == net.state_dict()._metadata  # module versions survive the snapshot
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    fresh_opt = torch.optim.Adam(fresh.parameters())
+    fresh.load_state_dict(state["net"])
+    fresh_opt.load_state_dict(state["opt"])
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+    assert fresh_opt.param_groups[0]["betas"] == (0.0, 0.9)
+    with pytest.raises(
+        CheckpointError, match=r"^checkpoint state\['extra'\]\[0\] is a complex; a checkpoint holds"
+    ):
+        ckpt.save(2, {"step": 2, "extra": [1 + 2j]})
+    assert ckpt.committed_steps() == [1]
 
 
 def test_keep_last_k_plus_best_fid(tmp_path):
@@ -275,6 +299,11 @@ def test_bad_urls_are_one_line_errors(tmp_path):
         assert "\n" not in str(raised.value)
     with pytest.raises(CheckpointError, match="no checkpoint found at"):
         load_folder(resolve(tmp_path / "nothing-here"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint.url=.*a-file/checkpoints: cannot create the folder"
+    ):
+        Checkpointer(str(tmp_path / "a-file" / "checkpoints")).check()
 
 
 def test_another_model_config_is_refused_naming_the_setting():
@@ -311,17 +340,23 @@ def kill_during_saves(url: str, trials: int, seed: int, max_delay: float) -> set
     ckpt = Checkpointer(url, keep_last=2)
     ckpt.save(1, state_of(1, numel=500_000))
     ckpt.wait()
-    seen = set()
+    seen, killed = set(), []
     for _ in range(trials):
         saver = fork.Process(target=save_forever, args=(url, ckpt.load_latest()[0] + 1), daemon=True)
         saver.start()
         time.sleep(rng.uniform(0.0, max_delay))
         os.kill(saver.pid, signal.SIGKILL)
         saver.join()
+        killed.append(saver.pid)
         step, state, manifest = ckpt.load_latest()
         assert state["step"] == manifest["step"] == step
         assert torch.equal(state["weights"], torch.full((500_000,), float(step)))
         seen.add(step)
+    # The next save removes the temporary files the killed savers left behind.
+    ckpt.save(max(seen) + 1, state_of(max(seen) + 1))
+    ckpt.wait()
+    left = [p.name for p in Path(tempfile.gettempdir()).glob("sagan-checkpoint-*.pt")]
+    assert not [name for name in left if int(name.split("-")[2]) in killed]
     return seen
 
 

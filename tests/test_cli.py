@@ -1,5 +1,6 @@
 """End to end through the `sagan` console script: prepare, train, resume, sample, and bad input."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,8 @@ TINY = [
 
 
 def sagan(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([SAGAN, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the suite's processes share two cores
+    return subprocess.run([SAGAN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

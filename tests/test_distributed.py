@@ -2,8 +2,9 @@
 
 The centrepiece: two DDP ranks of 16 images end a run with the parameters one process reaches on the
 same 32 images — only if the gradients are averaged. Then the same run through the deepspeed
-launcher (ZeRO 1, bf16), mpiexec and two torchrun agents (multi-node c10d on 127.0.0.1), DDP's
-per-rank invariants, and a killed worker that must end the job instead of hanging it.
+launcher (ZeRO 1, bf16), mpiexec and two torchrun agents (multi-node c10d on 127.0.0.1, surviving a
+lost worker by restarting), DDP's per-rank invariants, and workers that die or stop answering, which
+must end the job instead of hanging it.
 
 Run as a script, this module is the worker of ``test_ddp_keeps_ranks_in_step`` under torchrun.
 """
@@ -108,6 +109,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for(path: Path, agents: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not path.exists():
+        for agent in agents:
+            if agent.poll() is not None:
+                pytest.fail(f"{agent.args} ended early: {agent.communicate()[0][-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} did not appear")
+        time.sleep(0.5)
+
+
+def worker_of(agent: subprocess.Popen) -> psutil.Process:
+    (worker,) = [p for p in psutil.Process(agent.pid).children(recursive=True) if "train" in p.cmdline()]
+    return worker
 
 
 def final_state(run_dir: Path, step: int = STEPS) -> tuple[dict, dict]:
@@ -241,44 +258,35 @@ def test_mpiexec_without_torchrun(digits32, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_torchrun_agents_as_two_nodes(digits32, tmp_path):
-    """Two torchrun agents, one worker each, meeting at a c10d rendezvous on 127.0.0.1 (--nnodes=2)."""
+def test_two_torchrun_agents_as_two_nodes_survive_a_lost_worker(digits32, tmp_path):
+    """Two torchrun agents, one worker each, meet at a c10d rendezvous on 127.0.0.1 (--nnodes=2). One
+    worker is killed after a checkpoint: both agents restart their workers, which resume and finish."""
     run_dir = tmp_path / "nodes"
     node = {
         "NNODES": "2",
         "NPROC_PER_NODE": "1",
         "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
-        "RDZV_ID": f"test-{os.getpid()}",
-        "MAX_RESTARTS": "0",
+        "RDZV_ID": f"test-nodes-{os.getpid()}",
+        "MAX_RESTARTS": "1",
     }
-    args = ["launch/torchrun_multi_node.sh", *train_args(digits32, run_dir)]
-    agents = [start(args, **node) for _ in range(2)]
+    steps = ["trainer.max_steps=12", "checkpoint.interval_steps=4"]
+    agents = [
+        start(["launch/torchrun_multi_node.sh", *train_args(digits32, run_dir, *steps)], **node)
+        for _ in range(2)
+    ]
+    wait_for(run_dir / "checkpoints" / "LATEST", agents)  # the first checkpoint is committed
+    worker_of(agents[1]).kill()
     results = [finish(agent) for agent in agents]
     for code, output in results:
         assert code == 0, output[-5000:]
-    assert "rank 1/2 (local 0/1) via torchrun" in "".join(output for _, output in results)
-    state, manifest = final_state(run_dir)
-    assert manifest["world_size"] == 2 and state["step"] == STEPS
+    output = "".join(output for _, output in results)
+    assert "rank 1/2 (local 0/1) via torchrun" in output
+    assert re.search(r"resumed from \S+/step_(4|8) at step (4|8)", output), output[-5000:]
+    state, manifest = final_state(run_dir, step=12)
+    assert manifest["world_size"] == 2 and state["step"] == 12
 
 
 # --- a failing rank ends the job ----------------------------------------------------------------------
-
-
-def wait_for_training(run_dir: Path, agents: list[subprocess.Popen]) -> None:
-    """Until rank 0 logged a step, which needs every rank's gradients."""
-    deadline = time.monotonic() + TIMEOUT
-    while not list((run_dir / "log").glob("part-*.parquet")):
-        for agent in agents:
-            if agent.poll() is not None:
-                pytest.fail(f"{agent.args} ended before training: {agent.communicate()[0][-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail("training did not start")
-        time.sleep(0.5)
-
-
-def worker_of(agent: subprocess.Popen) -> psutil.Process:
-    (worker,) = [p for p in psutil.Process(agent.pid).children(recursive=True) if "train" in p.cmdline()]
-    return worker
 
 
 @pytest.mark.slow
@@ -295,7 +303,7 @@ def test_killed_worker_ends_the_job_on_every_node(digits32, tmp_path):
     }
     args = ["launch/torchrun_multi_node.sh", *train_args(digits32, run_dir, "trainer.max_steps=1000000")]
     agents = [start(args, **node) for _ in range(2)]
-    wait_for_training(run_dir, agents)
+    wait_for(run_dir / "log", agents)  # rank 0 logged a step: every rank is training
     worker_of(agents[1]).kill()
     results = [finish(agent, timeout=HANG) for agent in agents]
     assert [code != 0 for code, _ in results] == [True, True], results
@@ -308,20 +316,20 @@ def test_stopped_worker_times_out_the_job(digits32, tmp_path):
     """A worker that stops answering (SIGSTOP) without dying: its peer's collective times out after
     trainer.timeout_seconds, that rank fails, and torchrun ends the job."""
     run_dir = tmp_path / "stopped"
-    args = [
-        *train_args(
-            digits32, run_dir, "trainer.max_steps=1000000", f"trainer.timeout_seconds={COLLECTIVE_TIMEOUT}"
-        )
-    ]
+    args = train_args(
+        digits32, run_dir, "trainer.max_steps=1000000", f"trainer.timeout_seconds={COLLECTIVE_TIMEOUT}"
+    )
     agent = start(["launch/torchrun_single_node.sh", *args], NPROC_PER_NODE="2")
-    wait_for_training(run_dir, [agent])
+    wait_for(run_dir / "log", [agent])
     (stopped,) = [
         p for p in psutil.Process(agent.pid).children(recursive=True) if p.environ().get("RANK") == "1"
     ]
     stopped.suspend()
     code, output = finish(agent, timeout=HANG)
     assert code != 0
-    assert "rank 0 failed" in output, output[-3000:]
+    assert "rank 0 failed" in output and f"Timed out waiting {COLLECTIVE_TIMEOUT * 1000}ms" in output, output[
+        -3000:
+    ]
 
 
 # --- DDP's per-rank invariants, checked inside a real 2-rank job ----------------------------------------

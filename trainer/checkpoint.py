@@ -31,6 +31,7 @@ import re
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,9 @@ STEP_FOLDER = re.compile(r"^step_(\d+)$")
 MAX_ATTEMPTS = 4
 RETRY_SECONDS = 2.0  # the first retry waits this long, doubling each time
 HASH_CHUNK_BYTES = 8 << 20
+SPOOL_PREFIX = "sagan-checkpoint-"  # + "<pid>-step_<N>-<random>.pt" in the temporary folder
+# What torch.load(..., weights_only=True) reads back besides tensors and containers.
+SAFE_LEAVES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 # Settings that do not change the weights or what they compute: a checkpoint fits either way.
 MODEL_KEYS_NOT_COMPARED = ("num_classes", "attention_impl", "init")
 
@@ -71,10 +75,14 @@ class CheckpointUnusable(CheckpointError):
 
 
 def snapshot(state: Any) -> Any:
-    """A copy of ``state`` whose tensors live on the CPU and share no memory with training."""
+    """A copy of ``state`` whose tensors live on the CPU and share no memory with training.
+
+    Raises a CheckpointError, here in the loop rather than at resume, for anything ``torch.load(...,
+    weights_only=True)`` would refuse.
+    """
     on_accelerator: list[torch.Tensor] = []
 
-    def copy(value: Any) -> Any:
+    def copy(value: Any, where: str) -> Any:
         if isinstance(value, torch.Tensor):
             value = value.detach()
             if value.device.type == "cpu":
@@ -82,13 +90,21 @@ def snapshot(state: Any) -> Any:
             host = torch.empty_like(value, device="cpu", pin_memory=torch.cuda.is_available())
             on_accelerator.append(host)
             return host.copy_(value, non_blocking=True)
-        if isinstance(value, dict):
-            return {key: copy(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return type(value)(copy(item) for item in value)
-        return value
+        if type(value) in (dict, OrderedDict):
+            copied = type(value)((key, copy(item, f"{where}[{key!r}]")) for key, item in value.items())
+            if hasattr(value, "_metadata"):  # module state dicts carry per-layer versions
+                copied._metadata = value._metadata
+            return copied
+        if type(value) in (list, tuple):
+            return type(value)(copy(item, f"{where}[{i}]") for i, item in enumerate(value))
+        if isinstance(value, SAFE_LEAVES):
+            return value
+        raise CheckpointError(
+            f"checkpoint state{where} is a {type(value).__name__}; a checkpoint holds only tensors, numbers, "
+            "strings and dicts, lists or tuples of them"
+        )
 
-    copied = copy(state)
+    copied = copy(state, "")
     if on_accelerator and torch.cuda.is_available():
         torch.cuda.synchronize()
     return copied
@@ -208,19 +224,22 @@ def resolve(url: str | os.PathLike[str]) -> str:
 
 
 def load_for_resume(
-    checkpointer: Checkpointer, *, rank: int, world_size: int
+    checkpointer: Checkpointer, *, rank: int, world_size: int, resume: bool = True
 ) -> tuple[int, dict, dict] | None:
-    """(step, state, manifest) to resume from, the same on every rank; None when there is no checkpoint.
+    """(step, state, manifest) to resume from, the same on every rank; None when there is none (or
+    ``resume`` is false, in which case only the checkpoint URL is checked).
 
-    Rank 0 alone reads ``LATEST`` and chooses (falling back past unusable checkpoints), then tells the
-    others which step to load, so all ranks resume from one committed checkpoint. A collective when
-    ``world_size > 1``; rank 0's error is raised on every rank instead of leaving the others waiting.
+    Rank 0 alone checks the URL, reads ``LATEST`` and chooses (falling back past unusable checkpoints),
+    then tells the others which step to load, so all ranks resume from one committed checkpoint. A
+    collective when ``world_size > 1``; rank 0's error is raised on every rank instead of leaving the
+    others waiting.
     """
     found = None
     choice: int | str | None = None
     if rank == 0:
         try:
-            found = checkpointer.load_latest()
+            checkpointer.check()
+            found = checkpointer.load_latest() if resume else None
             choice = found[0] if found else None
         except CheckpointError as err:
             choice = str(err)
@@ -350,7 +369,8 @@ class Checkpointer:
         try:
             for attempt in range(1, self.max_attempts + 1):
                 try:
-                    spool = spool or _serialise(job.state, job.step)
+                    if spool is None or not os.path.exists(spool.path):
+                        spool = _serialise(job.state, job.step)
                     self._commit(job, spool)
                     break
                 # Whatever broke (disk, network, credentials, serialisation) is reported and retried.
@@ -527,9 +547,16 @@ class Checkpointer:
         return None
 
     def check(self) -> None:
-        """Fail now, with a CheckpointError, if the checkpoint URL cannot be read (bucket, credentials)."""
+        """Fail now, with a CheckpointError, if the checkpoint URL cannot be used (bucket, credentials,
+        a local path that cannot be a folder) rather than at the first save."""
         try:
+            if isinstance(self.store, LocalStore):
+                self.store.root.mkdir(parents=True, exist_ok=True)
             self.store.list(LATEST_FILE)
+        except OSError as err:
+            raise CheckpointError(
+                f"checkpoint.url={self.url}: cannot create the folder ({err.strerror})"
+            ) from None
         except DataError as err:
             raise CheckpointError(f"checkpoint.url={self.url}: {err}") from None
 
@@ -539,7 +566,8 @@ class Checkpointer:
 
 def _serialise(state: Any, step: int) -> _Spool:
     """Write ``state`` to a local temporary file and hash it (the upload then streams from disk)."""
-    handle, path = tempfile.mkstemp(prefix=f"sagan-checkpoint-step_{step}-", suffix=".pt")
+    _remove_abandoned_spools()
+    handle, path = tempfile.mkstemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-step_{step}-", suffix=".pt")
     try:
         with os.fdopen(handle, "wb") as out:
             torch.save(state, out)
@@ -552,6 +580,25 @@ def _serialise(state: Any, step: int) -> _Spool:
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
+
+
+def _remove_abandoned_spools() -> None:
+    """Delete the temporary files of processes killed mid-save (SIGKILL, OOM), which would fill the disk."""
+    for path in Path(tempfile.gettempdir()).glob(f"{SPOOL_PREFIX}*.pt"):
+        pid = path.name.removeprefix(SPOOL_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _open(url: str) -> Store:

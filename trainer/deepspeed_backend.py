@@ -16,8 +16,8 @@ either backend resumes the other's checkpoints on any number of ranks:
   partition) and the buffers in fp32;
 - ``opt_g``, ``opt_d``: ``torch.optim.Adam`` state dicts (``step``, full ``exp_avg`` and
   ``exp_avg_sq`` per parameter, gathered the same way, in ``parameters()`` order);
-- ``scaler_g``, ``scaler_d``: fp16 only, ``{"scale": ...}``: the dynamic loss scale; its growth
-  counters restart after a resume.
+- ``scaler_g``, ``scaler_d``: fp16 only, the dynamic loss scale in ``torch.amp.GradScaler``'s layout;
+  the count of overflow-free steps restarts after a resume. Empty for fp32 and bf16.
 
 Gathering is a collective: every rank must call ``state_dict()`` (the tensors are the same on all).
 """
@@ -51,6 +51,7 @@ from models.losses import d_hinge_loss, g_hinge_loss
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 INITIAL_LOSS_SCALE_POWER = 16
+LOSS_SCALE_WINDOW = 2000  # overflow-free steps before the loss scale doubles, as torch's GradScaler
 
 
 def engine_config(cfg: TrainerConfig, per_rank_batch: int) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def engine_config(cfg: TrainerConfig, per_rank_batch: int) -> dict[str, Any]:
             "enabled": cfg.precision == "fp16",
             "loss_scale": 0,  # 0: dynamic
             "initial_scale_power": INITIAL_LOSS_SCALE_POWER,
-            "loss_scale_window": 2000,
+            "loss_scale_window": LOSS_SCALE_WINDOW,
             "hysteresis": 1,
             "min_loss_scale": 1,
         },
@@ -279,7 +280,7 @@ def _scaler_state(engine) -> dict[str, Any]:
         "scale": float(engine.optimizer.loss_scale),
         "growth_factor": 2.0,
         "backoff_factor": 0.5,
-        "growth_interval": engine.loss_scale_window() if hasattr(engine, "loss_scale_window") else 2000,
+        "growth_interval": LOSS_SCALE_WINDOW,
         "_growth_tracker": 0,
     }
 

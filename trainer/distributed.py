@@ -141,7 +141,7 @@ def _from_slurm() -> LaunchEnv:
     if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
         raise RuntimeError(
             f"srun started {tasks} tasks but MPI sees a world of {MPI.COMM_WORLD.Get_size()}: run srun with "
-            "--mpi=pmix (or pmi2), or export MASTER_ADDR (the first node) and MASTER_PORT as launch/slurm.sbatch does"
+            "--mpi=pmix (or pmi2), or export MASTER_ADDR (the first node) and MASTER_PORT as launch/slurm_sbatch.sh does"
         )
     nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
     return LaunchEnv(

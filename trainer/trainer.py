@@ -146,10 +146,12 @@ class Trainer:
     def maybe_resume(self) -> None:
         if self.runtime.is_main:
             self.checkpointer.wait()  # a save still running from an earlier train() call
-            self.checkpointer.check()
-        if not self.cfg.checkpoint.resume:
-            return
-        found = load_for_resume(self.checkpointer, rank=self.runtime.rank, world_size=self.runtime.world_size)
+        found = load_for_resume(
+            self.checkpointer,
+            rank=self.runtime.rank,
+            world_size=self.runtime.world_size,
+            resume=self.cfg.checkpoint.resume,
+        )
         if found is None:
             return
         step, state, manifest = found
