@@ -75,6 +75,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sagan", description="Distributed SAGAN training.")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="turn images into WebDataset shards and a manifest")

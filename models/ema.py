@@ -19,14 +19,15 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        # fp32 even when the live model is bf16/fp16 (DeepSpeed): a 0.999 average needs the mantissa.
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay={decay!r} must be in [0, 1]")
         ema_params, live_params = self._matched(self.module.named_parameters(), model.named_parameters())
-        torch._foreach_lerp_(ema_params, live_params, 1.0 - decay)
+        torch._foreach_lerp_(ema_params, [p.float() for p in live_params], 1.0 - decay)
         ema_buffers, live_buffers = self._matched(self.module.named_buffers(), model.named_buffers())
         for ema_buffer, live_buffer in zip(ema_buffers, live_buffers):
             ema_buffer.copy_(live_buffer)

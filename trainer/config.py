@@ -39,6 +39,7 @@ class TrainerConfig:
     sample_interval: int = 500
     sample_columns: int = 8
     zero_stage: int = 1  # DeepSpeed ZeRO stage (0, 1 or 2)
+    bn_group_size: int = 0  # G's batch-norm statistics per group of this many samples; 0: the rank's batch
     timeout_seconds: int = 600  # a collective that waits longer fails the job instead of hanging it
 
 
@@ -97,7 +98,14 @@ POSITIVE = (
     "data.shuffle_block_shards",
     "data.prefetch_factor",
 )
-NON_NEGATIVE = ("model.num_classes", "data.num_workers", "data.max_retries", "metrics.port", "trainer.seed")
+NON_NEGATIVE = (
+    "model.num_classes",
+    "data.num_workers",
+    "data.max_retries",
+    "metrics.port",
+    "trainer.seed",
+    "trainer.bn_group_size",
+)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -97,7 +97,7 @@ class BatchNormGroups(nn.Module):
 
 def batch_norm_groups(G: nn.Module, cfg: TrainerConfig, world_size: int) -> nn.Module:
     """G itself (statistics over the rank's whole batch) or G in groups of ``trainer.bn_group_size``."""
-    group_size = getattr(cfg, "bn_group_size", 0)
+    group_size = cfg.bn_group_size
     per_rank = cfg.global_batch_size // world_size
     if not group_size or group_size == per_rank:
         return G

@@ -51,7 +51,6 @@ class Metrics:
         self.nonfinite = Counter(
             "sagan_nonfinite_steps", "Updates skipped for a non-finite loss or gradient", registry=r
         )
-        self.eval_fid = Gauge("sagan_eval_fid", "Last FID of G-EMA", registry=r)
         self.world_size = Gauge("sagan_world_size", "Processes in the job", registry=r)
         self.rank_info = Gauge(
             "sagan_rank_info", "Constant 1, labelled with this rank's identity",
