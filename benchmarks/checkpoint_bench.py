@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
+from local_s3 import moto_server  # benchmarks/local_s3.py, beside this script
 
 from trainer.checkpoint import Checkpointer
 from trainer.config import load_config
@@ -89,37 +85,13 @@ def fixed_batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 with a bucket ``bench``; yields the checkpoint URL."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
-                break
-            time.sleep(0.1)
-        os.environ.update(
-            AWS_ENDPOINT_URL=endpoint,
-            AWS_ACCESS_KEY_ID="bench",
-            AWS_SECRET_ACCESS_KEY="bench",
-            AWS_REGION="us-east-1",
-        )
+def checkpoint_bucket() -> Iterator[str]:
+    """The local S3 server with a bucket ``bench``; yields the checkpoint URL."""
+    with moto_server():
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="bench")
         yield "s3://bench/checkpoints"
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def main() -> None:
@@ -132,7 +104,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.g_channels=64")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
-        url = stack.enter_context(moto_server()) if args.moto else f"{scratch}/checkpoints"
+        url = stack.enter_context(checkpoint_bucket()) if args.moto else f"{scratch}/checkpoints"
         cfg = load_config(
             None,
             [

@@ -14,54 +14,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
+
+from local_s3 import moto_server  # benchmarks/local_s3.py, beside this script
 
 from data_pipeline.manifest import MANIFEST_NAME, read_manifest
 from data_pipeline.prepare import parse_size, prepare
 from data_pipeline.storage import open_store
 from data_pipeline.stream import DataConfig, ShardStream
-
-
-@contextmanager
-def moto_server():
-    """A moto S3 server subprocess on 127.0.0.1; sets the AWS variables to point at it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    script = Path(sys.executable).parent / "moto_server"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "moto.server"]
-    process = subprocess.Popen(
-        [*command, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise SystemExit(f"moto_server did not start on {endpoint}") from None
-                time.sleep(0.1)
-        os.environ.update(
-            AWS_ENDPOINT_URL=endpoint,
-            AWS_ACCESS_KEY_ID="bench",
-            AWS_SECRET_ACCESS_KEY="bench",
-            AWS_REGION="us-east-1",
-        )
-        yield endpoint
-    finally:
-        process.terminate()
-        process.wait()
 
 
 def copy_dataset(source: str, target: str) -> None:
