@@ -257,18 +257,23 @@ def test_mpiexec_without_torchrun(digits32, tmp_path):
     assert manifest["world_size"] == 2 and state["step"] == STEPS
 
 
+def two_nodes(job: str, max_restarts: int) -> dict[str, str]:
+    """launch/torchrun_multi_node.sh's environment for one of two single-worker nodes on this machine."""
+    return {
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "RDZV_ID": f"{job}-{os.getpid()}",
+        "MAX_RESTARTS": str(max_restarts),
+    }
+
+
 @pytest.mark.slow
 def test_two_torchrun_agents_as_two_nodes_survive_a_lost_worker(digits32, tmp_path):
     """Two torchrun agents, one worker each, meet at a c10d rendezvous on 127.0.0.1 (--nnodes=2). One
     worker is killed after a checkpoint: both agents restart their workers, which resume and finish."""
     run_dir = tmp_path / "nodes"
-    node = {
-        "NNODES": "2",
-        "NPROC_PER_NODE": "1",
-        "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
-        "RDZV_ID": f"test-nodes-{os.getpid()}",
-        "MAX_RESTARTS": "1",
-    }
+    node = two_nodes("test-nodes", max_restarts=1)
     steps = ["trainer.max_steps=12", "checkpoint.interval_steps=4"]
     agents = [
         start(["launch/torchrun_multi_node.sh", *train_args(digits32, run_dir, *steps)], **node)
@@ -294,13 +299,7 @@ def test_killed_worker_ends_the_job_on_every_node(digits32, tmp_path):
     """kill -9 of one node's worker: that agent fails, and the other node's worker, whose next collective
     finds the connection closed, fails at once too, instead of waiting for a peer that is gone."""
     run_dir = tmp_path / "killed"
-    node = {
-        "NNODES": "2",
-        "NPROC_PER_NODE": "1",
-        "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
-        "RDZV_ID": f"test-kill-{os.getpid()}",
-        "MAX_RESTARTS": "0",
-    }
+    node = two_nodes("test-kill", max_restarts=0)
     args = ["launch/torchrun_multi_node.sh", *train_args(digits32, run_dir, "trainer.max_steps=1000000")]
     agents = [start(args, **node) for _ in range(2)]
     wait_for(run_dir / "log", agents)  # rank 0 logged a step: every rank is training
