@@ -106,3 +106,27 @@ def test_wrong_data_url_names_it(tmp_path):
     assert result.returncode == 2
     assert "no-data" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_run_folder_on_s3_holds_log_samples_and_checkpoints(digits, moto_server, tmp_path):
+    """run.dir=s3://…: a pod's disk dies with it, so everything a run writes goes to the object store."""
+    bucket = moto_server.create_bucket()
+    env = {**os.environ, **moto_server.env, "OMP_NUM_THREADS": "1"}
+    command = [
+        SAGAN, "train", str(ROOT / "configs/smoke.yaml"), f"data.url={digits}", f"run.dir=s3://{bucket}/runs/a",
+        "trainer.max_steps=4", "trainer.sample_interval=2", "checkpoint.interval_steps=2", *TINY,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert not any(tmp_path.iterdir()), "nothing is written to the local disk"
+    listing = moto_server.client().list_objects_v2(Bucket=bucket, Prefix="runs/a/")
+    names = sorted(obj["Key"].removeprefix("runs/a/") for obj in listing["Contents"])
+    assert "samples/step_0000002.png" in names and "samples/step_0000004.png" in names
+    assert "checkpoints/LATEST" in names and "checkpoints/step_4/manifest.json" in names
+    assert any(name.startswith("log/part-") for name in names)
+    steps = subprocess.run(
+        [sys.executable, "-c", f"from trainer.run_log import read_run_log; print(read_run_log('s3://{bucket}/runs/a').column('step').to_pylist())"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert steps.stdout.strip() == "[2, 4]", steps.stderr

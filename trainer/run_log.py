@@ -1,41 +1,64 @@
-"""The run log: one row per logged step, written as Parquet parts under ``<run>/log/``."""
+"""The run log: one row per logged step, written as Parquet parts under ``<run>/log/``.
+
+The run folder is a local path or an ``s3://`` prefix. Rows are buffered and written as one object per
+flush (atomically: a reader sees whole parts only), so a cluster run's log outlives its pods.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+import math
+import os
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_pipeline.errors import DataError
+from data_pipeline.storage import Store, open_store
+
+LOG_FOLDER = "log"
+FLUSH_SECONDS = 60.0  # a buffered row reaches storage within about this long (at the next append)
+
 
 class RunLog:
-    def __init__(self, run_dir: str | Path):
-        self.dir = Path(run_dir) / "log"
+    def __init__(self, run_url: str | os.PathLike[str], *, flush_seconds: float = FLUSH_SECONDS):
+        self.store = open_store(str(run_url))
         self.rows: list[dict[str, float | int]] = []
+        self.flush_seconds = flush_seconds
+        self._flushed_at = -math.inf  # the first row is written at once: a run shows it is alive
 
     def append(self, row: dict[str, float | int]) -> None:
+        """Buffer a row; write the buffer when it is older than ``flush_seconds``."""
         self.rows.append(row)
+        if time.monotonic() - self._flushed_at >= self.flush_seconds:
+            self.flush()
 
-    def flush(self) -> Path | None:
+    def flush(self) -> str | None:
+        """Write the buffered rows as one part; returns its URL (None when there was nothing to write)."""
+        self._flushed_at = time.monotonic()
         if not self.rows:
             return None
-        self.dir.mkdir(parents=True, exist_ok=True)
         first, last = self.rows[0]["step"], self.rows[-1]["step"]
-        path = self.dir / f"part-{first:09d}-{last:09d}.parquet"
-        partial = path.with_name(f".{path.name}.partial")
-        pq.write_table(pa.Table.from_pylist(self.rows), partial)
-        partial.replace(path)
+        name = f"{LOG_FOLDER}/part-{first:09d}-{last:09d}.parquet"
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(self.rows), buffer)
+        self.store.write_bytes(name, buffer.getvalue())
         self.rows = []
-        return path
+        return self.store.url_of(name)
 
 
-def read_run_log(run_dir: str | Path) -> pa.Table:
+def read_run_log(run_url: str | Store) -> pa.Table:
     """Every logged row of a run, in step order; a resumed run's repeated steps keep their last value."""
-    parts = sorted((Path(run_dir) / "log").glob("part-*.parquet"))
+    store = run_url if isinstance(run_url, Store) else open_store(str(run_url))
+    parts = [name for name in store.list(f"{LOG_FOLDER}/part-") if name.endswith(".parquet")]
     if not parts:
-        raise FileNotFoundError(f"no run log under {Path(run_dir) / 'log'}")
+        raise DataError(f"no run log under {store.url_of(LOG_FOLDER)}")
     rows: dict[int, dict] = {}
     for part in parts:
-        for row in pq.ParquetFile(part).read(use_threads=False).to_pylist():  # apache/arrow#34314
+        table = pq.ParquetFile(io.BytesIO(store.read_bytes(part))).read(
+            use_threads=False
+        )  # apache/arrow#34314
+        for row in table.to_pylist():
             rows[row["step"]] = row
     return pa.Table.from_pylist([rows[s] for s in sorted(rows)])

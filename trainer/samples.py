@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +53,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return scaled.permute(0, 2, 3, 1).numpy()
 
 
-def save_grid(images: torch.Tensor, path: str | Path, columns: int, padding: int = 2) -> Path:
-    """Tile images row by row, ``columns`` per row, and write a PNG (atomically)."""
+def encode_grid(images: torch.Tensor, columns: int, padding: int = 2) -> bytes:
+    """Tile images row by row, ``columns`` per row, as the bytes of a PNG."""
     pixels = to_uint8(images)
     n, h, w, c = pixels.shape
     rows = -(-n // columns)
@@ -61,10 +62,17 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int, padding: int
     for i, image in enumerate(pixels):
         top, left = padding + (i // columns) * (h + padding), padding + (i % columns) * (w + padding)
         canvas[top : top + h, left : left + w] = image
+    out = io.BytesIO()
+    Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas).save(out, format="PNG")
+    return out.getvalue()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int, padding: int = 2) -> Path:
+    """Write the grid of ``images`` as a PNG file, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas).save(partial, format="PNG")
+    partial.write_bytes(encode_grid(images, columns, padding))
     partial.replace(path)
     return path
 

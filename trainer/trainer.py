@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ from tqdm import tqdm
 from data_pipeline.errors import ObjectNotFound
 from data_pipeline.manifest import read_manifest
 from data_pipeline.prepare import parse_size, prepare
+from data_pipeline.storage import open_store
 from data_pipeline.stream import ShardStream
 from models.ema import EMA
 from models.sagan import attention_gammas, build_models
@@ -80,7 +80,7 @@ class Trainer:
         self.batch_size = t.global_batch_size // runtime.world_size
         self.rank_slice = slice(runtime.rank * self.batch_size, (runtime.rank + 1) * self.batch_size)
         torch.manual_seed(t.seed)
-        self.run_dir = Path(cfg.run.dir)
+        self.run_store = open_store(cfg.run.dir)  # a local folder or s3://: log, samples, evaluation
         self.stream = ShardStream(
             cfg.data,
             rank=runtime.rank,
@@ -100,11 +100,11 @@ class Trainer:
         self.ema = EMA(self.backend.G)
         self.metrics = Metrics(cfg.metrics, runtime, backend=t.backend, precision=t.precision)
         self.checkpointer = Checkpointer(
-            cfg.checkpoint.url or str(self.run_dir / "checkpoints"),
+            cfg.checkpoint.url or self.run_store.url_of("checkpoints"),
             cfg.checkpoint.keep_last,
             metrics=self.metrics,
         )
-        self.run_log = RunLog(self.run_dir)
+        self.run_log = RunLog(cfg.run.dir)
         self.step = 0
         grid = samples.grid_classes(self.num_classes)
         self.grid_z, self.grid_y = samples.fixed_inputs(
@@ -140,6 +140,7 @@ class Trainer:
                 "world_size": self.runtime.world_size,
                 "backend": self.cfg.trainer.backend,
             }
+            self.run_log.flush()  # the log is as complete as the checkpoint
             self.checkpointer.save(self.step, state, meta, fid=fid)
         self.metrics.checkpoint_seconds.labels("stall").set(time.perf_counter() - started)
 
@@ -246,14 +247,12 @@ class Trainer:
                 **gammas,
             }
             self.run_log.append(row)
-            self.run_log.flush()
             progress.set_postfix(d=f"{d_update.loss:.3f}", g=f"{g_update.loss:.3f}", img_s=f"{rate:.0f}")
 
     def _save_samples(self) -> None:
         if not self.runtime.is_main:
             return
         images = samples.draw(self.ema.module, self.grid_z, self.grid_y)
-        path = samples.save_grid(
-            images, self.run_dir / "samples" / f"step_{self.step:07d}.png", self.cfg.trainer.sample_columns
-        )
-        log.info("samples: %s", path)
+        name = f"samples/step_{self.step:07d}.png"
+        self.run_store.write_bytes(name, samples.encode_grid(images, self.cfg.trainer.sample_columns))
+        log.info("samples: %s", self.run_store.url_of(name))
