@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -113,14 +112,14 @@ def test_report_of_a_run_on_s3(s3_bucket, tmp_path):
     )
 
 
-@pytest.mark.parametrize("run", ["missing-run", "s3://"])
-def test_a_folder_without_a_run_log_is_one_line_and_exit_2(run, tmp_path):
-    target = str(tmp_path / run) if "://" not in run else run
+def test_a_folder_without_a_run_log_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "not-a-run").mkdir()
     done = subprocess.run(
-        [SAGAN, "report", target, "--out", str(tmp_path / "report")], capture_output=True, text=True, cwd=ROOT
+        [SAGAN, "report", str(tmp_path / "not-a-run"), "--out", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sagan report: error: ")
-    assert "no run log under" in lines[0] or "no bucket" in lines[0]
-    assert not (tmp_path / "report" / "index.html").exists()
+    assert done.stderr == f"sagan report: error: no run log under {tmp_path / 'not-a-run'}/log\n"
+    assert not (tmp_path / "report").exists()
