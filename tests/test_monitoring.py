@@ -284,8 +284,7 @@ def stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def live_job(tmp_path_factory) -> LiveJob:
-    prometheus, promtool = tool("prometheus"), tool("promtool")
-    assert promtool
+    prometheus = tool("prometheus")
     root = tmp_path_factory.mktemp("live")
     data = root / "digits"
     prepare("digits", str(data), image_size=32, shard_size=100_000, progress=False)
