@@ -4,7 +4,7 @@ S3 goes through boto3, which takes the endpoint and credentials from the standar
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), so the same
 code talks to AWS, MinIO, Ceph, R2 or a local test server. Transient failures are retried here, with
 exponential backoff, and counted in a process-local counter (`retry_count`); reads resume from the byte
-where a connection broke with a ranged GET.
+where a connection broke with a ranged GET. Each store counts its retries and the object bytes it read.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ T = TypeVar("T")
 
 _retry_lock = threading.Lock()
 _retries = 0
+_read_lock = threading.Lock()
 
 
 def retry_count() -> int:
@@ -61,6 +62,7 @@ class Store(ABC):
 
     url: str
     retries: int = 0  # transient failures retried by this store (the process-wide total: retry_count())
+    bytes_read: int = 0  # object bytes this store received from S3 (not counted for local folders)
 
     @abstractmethod
     def read_bytes(self, name: str) -> bytes: ...
@@ -482,6 +484,8 @@ class _S3ObjectReader(io.RawIOBase):
             count = len(data)
             buffer[:count] = data
             self.position += count
+            with _read_lock:  # a store is shared by the shard-reading threads of a worker
+                self.store.bytes_read += count
             return count
 
     def drop_body(self) -> None:
@@ -508,8 +512,8 @@ webdataset.gopen_schemes["s3"] = _gopen_s3
 
 def _after_fork_in_child() -> None:
     """A thread of the parent may have held a lock at the fork; the child starts with fresh ones."""
-    global _retry_lock, _clients_lock
-    _retry_lock, _clients_lock = threading.Lock(), threading.Lock()
+    global _retry_lock, _read_lock, _clients_lock
+    _retry_lock, _read_lock, _clients_lock = threading.Lock(), threading.Lock(), threading.Lock()
     _clients.clear()
 
 

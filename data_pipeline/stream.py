@@ -262,7 +262,7 @@ class _BatchReader:
         return samples, blocks
 
     def batches(self, tasks: list[tuple[int, list[Interval]]]) -> Iterator[dict[str, Any]]:
-        retries_seen = self.store.retries
+        retries_seen, bytes_seen = self.store.retries, self.store.bytes_read
         samples, touched = self.resolve(tasks)
         needed: dict[tuple[int, int], list[int]] = {}
         last_use: dict[tuple[int, int], int] = {}
@@ -289,15 +289,16 @@ class _BatchReader:
                 for key in touched[t]:
                     if last_use[key] == t:
                         del ready[key]
-                retries_now = self.store.retries
+                retries_now, bytes_now = self.store.retries, self.store.bytes_read
                 yield {
                     "index": index,
                     "images": images,
                     "labels": labels,
                     "skipped": skipped,
                     "s3_retries": retries_now - retries_seen,
+                    "s3_read_bytes": bytes_now - bytes_seen,
                 }
-                retries_seen = retries_now
+                retries_seen, bytes_seen = retries_now, bytes_now
         except DataError as exc:
             yield {"error": str(exc)}
         finally:
@@ -455,6 +456,7 @@ class ShardStream:
         self.block_shards = cfg.shuffle_block_shards
         self.skipped: Counter[str] = Counter()
         self.s3_retries = 0
+        self.s3_read_bytes = 0
         self._reader = self._make_reader()
         self.epoch = 0
         self._start_segment([(0, 0, self.manifest.num_samples)])
@@ -551,6 +553,7 @@ class ShardStream:
                 self.consumed += 1
                 self.skipped.update(item["skipped"])
                 self.s3_retries += item["s3_retries"]
+                self.s3_read_bytes += item["s3_read_bytes"]
                 if self.consumed == segment.steps:
                     self._next_segment()  # now, so that state_dict() at a segment's end points past it
                 yield item["images"], item["labels"]
@@ -561,8 +564,12 @@ class ShardStream:
                     raise RuntimeError(f"data loader stopped at batch {self.consumed} of {segment.steps}")
 
     def counters(self) -> dict[str, Any]:
-        """Cumulative skipped samples by reason and S3 retries seen by this rank (workers included)."""
-        return {"skipped": dict(self.skipped), "s3_retries": self.s3_retries}
+        """Cumulative skipped samples by reason, S3 retries and S3 bytes read by this rank (workers included)."""
+        return {
+            "skipped": dict(self.skipped),
+            "s3_retries": self.s3_retries,
+            "s3_read_bytes": self.s3_read_bytes,
+        }
 
     # -- position -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The ``sagan`` command line: prepare data, train, draw samples."""
+"""The ``sagan`` command line: prepare data, train, draw samples, report on a run."""
 
 from __future__ import annotations
 
@@ -73,6 +73,13 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_run(args: argparse.Namespace) -> int:
+    from trainer.report import write_report
+
+    print(f"wrote {write_report(args.run_url, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sagan", description="Distributed SAGAN training.")
     # The deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from the environment.
@@ -103,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", type=int, default=8, help="samples per class")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_sample)
+
+    p = sub.add_parser("report", help="PNG plots of a run's log and its latest samples, in one index.html")
+    p.add_argument("run_url", metavar="RUN_URL", help="the run folder (run.dir): a local folder or s3://…")
+    p.add_argument("--out", required=True, help="the folder to write (local or s3://…)")
+    p.set_defaults(run=_report_run)
     return parser
 
 

@@ -182,7 +182,9 @@ def test_a_cut_connection_in_a_worker_is_resumed_and_reported(id_dataset, proxy)
     ids, stream = one_epoch(cfg)
     assert sorted(ids) == list(range(NUM_SAMPLES))
     assert proxy.cuts == 1
-    assert stream.counters() == {"skipped": {}, "s3_retries": 1}  # counted in a worker, shipped with a batch
+    counters = stream.counters()  # counted in the workers, shipped with their batches
+    assert (counters["skipped"], counters["s3_retries"]) == ({}, 1)
+    assert counters["s3_read_bytes"] >= sum(shard.num_bytes for shard in shards)  # every shard, once or more
 
 
 def test_an_unreachable_shard_fails_the_run_naming_it(id_dataset, proxy):
@@ -212,7 +214,8 @@ def test_an_unreachable_shard_is_skipped_when_configured(id_dataset, proxy):
     ids, stream = one_epoch(cfg)
     assert set(ids) == set(range(NUM_SAMPLES)) - lost
     assert len(ids) == NUM_SAMPLES  # the lost samples' slots hold duplicates of valid ones
-    assert stream.counters() == {"skipped": {"unreachable": len(lost)}, "s3_retries": 1}
+    counters = stream.counters()
+    assert (counters["skipped"], counters["s3_retries"]) == ({"unreachable": len(lost)}, 1)
 
 
 def test_a_deleted_shard_fails_naming_it(id_dataset, s3_env):

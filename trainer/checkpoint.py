@@ -393,8 +393,7 @@ class Checkpointer:
                     time.sleep(delay)
             seconds = time.perf_counter() - job.started
             if self.metrics is not None:
-                self.metrics.checkpoint_seconds.labels("write").set(seconds)
-                self.metrics.checkpoint_last_success.set_to_current_time()
+                self.metrics.checkpoint_committed(job.step, seconds)
             log.info(
                 "checkpoint step_%d committed to %s (%.1f MB in %.2fs)",
                 job.step, self.url, spool.size / 2**20 if spool else 0.0, seconds,

@@ -163,6 +163,15 @@ class DeepSpeedBackend:
         norm = math.nan if norm is None else float(norm)
         return Update(loss_value, norm, bool(engine.was_step_applied()))
 
+    def learning_rates(self) -> dict[str, float]:
+        return {"g": self.g_engine.get_lr()[0], "d": self.d_engine.get_lr()[0]}
+
+    def loss_scales(self) -> dict[str, float]:
+        return {
+            net: float(engine.optimizer.loss_scale) if engine.fp16_enabled() else 1.0
+            for net, engine in (("g", self.g_engine), ("d", self.d_engine))
+        }
+
     # --- world-size-independent state ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Full fp32 tensors in DDPBackend's layout; a collective: every rank calls it."""

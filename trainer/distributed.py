@@ -3,7 +3,8 @@
 Launchers, in the order they are recognised:
 
 - ``torchrun`` (single- or multi-node, elastic): ``TORCHELASTIC_RUN_ID``, ``RANK``, ``LOCAL_RANK``,
-  ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``.
+  ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``, and
+  ``TORCHELASTIC_RESTART_COUNT`` (how often the agent restarted its workers).
 - ``deepspeed`` (its ``launch`` module or its MPI helper): ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
   ``MASTER_ADDR``/``MASTER_PORT`` and its own ``LOCAL_SIZE``. Without ``LOCAL_SIZE`` the same variables
   are taken as set by hand or by a job controller (launcher ``env``).
@@ -16,6 +17,7 @@ Launchers, in the order they are recognised:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -39,6 +41,7 @@ class Runtime:
     device: torch.device
     launcher: str  # single | torchrun | deepspeed | env | mpi | slurm
     local_world_size: int = 1  # processes of this job on this machine
+    restart_count: int = 0  # torchrun: times the elastic agent restarted the workers
 
     @property
     def is_main(self) -> bool:
@@ -58,13 +61,15 @@ class LaunchEnv:
     local_world_size: int
     master_addr: str | None = None  # None: init_process_group reads MASTER_ADDR/MASTER_PORT itself
     master_port: int | None = None
+    restart_count: int = 0
 
 
 def _launch_env() -> LaunchEnv:
     """Who this process is, from the environment the launcher left."""
     env = os.environ
     if "TORCHELASTIC_RUN_ID" in env:
-        return _from_rank_variables("torchrun", env.get("LOCAL_WORLD_SIZE"))
+        launch = _from_rank_variables("torchrun", env.get("LOCAL_WORLD_SIZE"))
+        return dataclasses.replace(launch, restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
     if "RANK" in env and "WORLD_SIZE" in env:
         return _from_rank_variables("deepspeed" if "LOCAL_SIZE" in env else "env", env.get("LOCAL_SIZE"))
     if any(name in env for name in MPI_RANK_VARIABLES):
@@ -199,6 +204,7 @@ def init_runtime(device: str = "auto", timeout_seconds: int = 600) -> Runtime:
         torch_device,
         launch.launcher,
         launch.local_world_size,
+        launch.restart_count,
     )
 
 

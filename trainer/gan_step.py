@@ -45,6 +45,12 @@ class Backend(Protocol):
 
     def g_step(self, z: torch.Tensor, y_fake: torch.Tensor) -> Update: ...
 
+    def learning_rates(self) -> dict[str, float]: ...
+
+    def loss_scales(self) -> dict[str, float]:
+        """fp16: each net's dynamic loss scale (may read the device: call at log intervals); else 1."""
+        ...
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -183,6 +189,12 @@ class DDPBackend:
         scaler.update()
         opt.zero_grad(set_to_none=True)
         return Update(loss_value, norm, applied)
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"g": self.opt_g.param_groups[0]["lr"], "d": self.opt_d.param_groups[0]["lr"]}
+
+    def loss_scales(self) -> dict[str, float]:
+        return {"g": self.scaler_g.get_scale(), "d": self.scaler_d.get_scale()}
 
     def state_dict(self) -> dict[str, Any]:
         return {

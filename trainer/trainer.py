@@ -98,7 +98,13 @@ class Trainer:
         G, D = build_models(cfg.model, self.num_classes)
         self.backend = make_backend(G, D, t, runtime)
         self.ema = EMA(self.backend.G)
-        self.metrics = Metrics(cfg.metrics, runtime, backend=t.backend, precision=t.precision)
+        self.metrics = Metrics(
+            cfg.metrics,
+            runtime,
+            backend=t.backend,
+            precision=t.precision,
+            checkpoint_interval_steps=cfg.checkpoint.interval_steps,
+        )
         self.checkpointer = Checkpointer(
             cfg.checkpoint.url or self.run_store.url_of("checkpoints"),
             cfg.checkpoint.keep_last,
@@ -163,6 +169,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"{where} does not fit this run: {first_line}") from None
+        self.metrics.resumed_from(self.step)
         log.info("resumed from %s at step %d", where, self.step)
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -195,7 +202,9 @@ class Trainer:
             self.metrics.nonfinite.inc(0 if g_update.applied else 1)
             self.ema.update(self.backend.G, 0.0 if self.step < t.ema_start_step else t.ema_decay)
             self.step += 1
-            self.metrics.record_step(time.perf_counter() - started, t.n_dis * self.batch_size, data_wait)
+            self.metrics.record_step(
+                time.perf_counter() - started, t.n_dis * self.batch_size, data_wait, step=self.step
+            )
             progress.update()
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 self._log(d_update, g_update, progress)
@@ -234,6 +243,8 @@ class Trainer:
                 m.gamma.labels(net, layer).set(value)
                 gammas[f"gamma_{net}_{layer}"] = value
         m.record_data_counters(self.stream.counters())
+        m.record_optimizers(self.backend.learning_rates(), self.backend.loss_scales())
+        m.record_device_memory()
         if self.runtime.is_main:
             row = {
                 "step": self.step,
