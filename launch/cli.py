@@ -1,4 +1,4 @@
-"""The ``sagan`` command line: prepare data, train, draw samples."""
+"""The ``sagan`` command line: prepare data, train, draw samples, submit to Kubernetes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from data_pipeline.errors import DataError
+from launch import submit
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError
 
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", type=int, default=8, help="samples per class")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_sample)
+
+    submit.add_parsers(sub)
     return parser
 
 
