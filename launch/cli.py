@@ -11,6 +11,7 @@ from data_pipeline.errors import DataError
 from launch import submit
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError
+from trainer.termination import EXIT_STATUS, Terminated
 
 log = logging.getLogger("sagan")
 
@@ -56,6 +57,9 @@ def _train(args: argparse.Namespace) -> int:
         ensure_dataset(cfg, runtime)
         Trainer(cfg, runtime).train()
         exit_code = 0
+    except Terminated as stopped:
+        log.warning("rank %d %s", runtime.rank, stopped)
+        exit_code = EXIT_STATUS
     except USER_ERRORS as err:
         exit_code = _report("train", err)
     except BaseException:
