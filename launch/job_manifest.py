@@ -33,7 +33,6 @@ TRAINJOB_TEMPLATE = K8S_DIR / "trainjob" / "trainjob.yaml"
 
 PYTORCHJOB_CONTAINER = "pytorch"  # the training-operator's required container name
 TRAINJOB_CONTAINER = "node"  # Trainer v2's trainer container
-RENDEZVOUS_PORT_NAME = "pytorchjob-port"
 METRICS_PORT_PREFIX = "metrics-"
 CONFIG_KEY = "config.yaml"
 WORKLOADS = ("pytorchjob", "trainjob")
@@ -225,6 +224,8 @@ def metrics_ports(cfg: Config, shape: JobShape) -> list[dict[str, Any]]:
 def render(cfg: Config, request: JobRequest) -> list[dict[str, Any]]:
     """[the run-config ConfigMap, the job] for this run. Call ``check_runnable`` first."""
     check_name(request.name)
+    if request.max_restarts < 0:
+        raise JobError(f"--max-restarts {request.max_restarts} must not be negative")
     config_map = {
         "apiVersion": "v1",
         "kind": "ConfigMap",

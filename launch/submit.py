@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -91,8 +92,9 @@ def submit(args: argparse.Namespace) -> int:
         memory=args.memory,
         max_restarts=args.max_restarts,
     )
+    objects = render(cfg, request)  # refuses a bad name or resources before any connection
     if args.dry_run:
-        print(to_yaml(render(cfg, request)), end="")
+        print(to_yaml(objects), end="")
         return 0
     cluster = connect(args.kubeconfig, args.context)
     request = replace(request, namespace=args.namespace or cluster.namespace)
@@ -184,10 +186,12 @@ def logs(args: argparse.Namespace) -> int:
 
 def connect(kubeconfig: str | None, context: str | None) -> Cluster:
     """A client for the kubeconfig's (or this pod's) cluster, and its default namespace."""
+    import yaml
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
     in_cluster = kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ and not _kubeconfig_exists()
+    where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
     try:
         if in_cluster:
             config.load_incluster_config()
@@ -204,8 +208,14 @@ def connect(kubeconfig: str | None, context: str | None) -> Cluster:
             namespace = (chosen or {}).get("context", {}).get("namespace") or "default"
             api = config.new_client_from_config(config_file=kubeconfig, context=context)
     except ConfigException as err:
-        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         raise JobError(f"cannot use the kubeconfig {where}: {_first_line(str(err))}") from None
+    except yaml.YAMLError as err:
+        raise JobError(f"the kubeconfig {where} is not valid YAML: {_first_line(str(err))}") from None
+    except (TypeError, KeyError, AttributeError) as err:
+        raise JobError(f"the kubeconfig {where} is malformed ({type(err).__name__}: {err})") from None
+    # After the client's Configuration, which sets urllib3's level: its retry warnings would precede the
+    # one-line error.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     return Cluster(api, namespace, api.configuration.host)
 
 
@@ -237,7 +247,12 @@ def refusal(err: BaseException, attempt: str, workload: Workload | None = None) 
             detail = f"the cluster has no {workload.kind} API ({workload.group}/{workload.version}): install {workload.operator}"
         return JobError(f"the cluster refused to {attempt}: {err.status} {err.reason}: {detail}")
     if isinstance(err, (urllib3.exceptions.HTTPError, OSError)):
-        return JobError(f"cannot {attempt}: the Kubernetes API is unreachable ({_first_line(str(err))})")
+        cause = err.reason if isinstance(err, urllib3.exceptions.MaxRetryError) and err.reason else err
+        if isinstance(cause, urllib3.exceptions.NewConnectionError):
+            cause = str(cause).rpartition("): ")[
+                2
+            ]  # "[Errno 111] Connection refused", without the pool's repr
+        return JobError(f"cannot {attempt}: the Kubernetes API is unreachable ({_first_line(str(cause))})")
     return None
 
 

@@ -32,6 +32,7 @@ from k8s_validation import (
     check_restricted,
     check_scratch_and_secrets,
     kustomize,
+    missing_tool,
     pod_templates,
     validate_all,
     validate_custom,
@@ -170,7 +171,9 @@ def api_server(tmp_path) -> Iterator[FakeApiServer]:
     try:
         cert, key, ca_pem = _self_signed_certificate(tmp_path)
     except ImportError:
-        pytest.fail("the cryptography package is needed to make the test server's certificate")
+        missing_tool(
+            "the cryptography package is needed for the test server's certificate: pip install cryptography"
+        )
     server_state: dict[str, FakeApiServer] = {}
 
     class Handler(BaseHTTPRequestHandler):
@@ -251,6 +254,15 @@ def api_server(tmp_path) -> Iterator[FakeApiServer]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=10)
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def sagan(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -528,6 +540,18 @@ def test_a_wrong_token_or_an_unreachable_api_is_one_line(api_server, capsys, tmp
     missing = tmp_path / "no-such-kubeconfig"
     status, _, err = run_cli(capsys, "submit", CLUSTER, "--image", IMAGE, "--kubeconfig", str(missing))
     assert status == 2 and "kubeconfig" in err and len(err.strip().splitlines()) == 1
+    broken = tmp_path / "broken-kubeconfig"
+    broken.write_text("apiVersion: v1\nclusters: [\n")
+    status, _, err = run_cli(capsys, "submit", CLUSTER, "--image", IMAGE, "--kubeconfig", str(broken))
+    assert status == 2 and "is not valid YAML" in err and len(err.strip().splitlines()) == 1
+    closed = api_server.kubeconfig(tmp_path / "closed")
+    closed.write_text(closed.read_text().replace(api_server.url, f"https://127.0.0.1:{closed_port()}"))
+    status, _, err = run_cli(capsys, "submit", CLUSTER, "--image", IMAGE, "--kubeconfig", str(closed))
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert (
+        "the Kubernetes API is unreachable (Failed to establish a new connection: [Errno 111] Connection refused)"
+        in err
+    )
 
 
 def test_status_and_logs_of_a_submitted_job(api_server, capsys, tmp_path):
