@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0+cpu
 BIN := $(VENV)/bin
 APT_PACKAGES := dataset-fashion-mnist prometheus
 
-.PHONY: setup system train smoke test lint format clean
+.PHONY: setup system train smoke test lint format k8s-manifests clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ lint: setup
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The PrometheusRule is generated from the promtool-tested rules file (a test checks it is current).
+k8s-manifests: setup
+	$(BIN)/python -m launch.prometheus_rule
 
 test: setup system lint
 	$(BIN)/pytest

@@ -18,6 +18,7 @@ re-splits what remains for any world size, batch size or worker count.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -540,6 +541,7 @@ class ShardStream:
                 pin_memory=torch.cuda.is_available(),
                 prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
                 persistent_workers=False,
+                worker_init_fn=_ignore_sigterm,
             )
             for item in loader:
                 if self.segment is not segment:
@@ -626,6 +628,12 @@ class ShardStream:
             self.consumed = consumed
         else:
             self._start_segment(remaining)  # another shape: re-split what is left of the epoch
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """A stopped pod's SIGTERM reaches every process of the rank's group; it is the rank's to handle
+    (it stops with a checkpoint, trainer/termination.py), and the workers end with the rank."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _check_config(cfg: DataConfig) -> None:

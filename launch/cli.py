@@ -1,4 +1,4 @@
-"""The ``sagan`` command line: prepare data, train, draw samples, report on a run."""
+"""The ``sagan`` command line: prepare data, train, draw samples, report on a run, submit to Kubernetes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from data_pipeline.errors import DataError
+from launch import submit
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError
+from trainer.termination import EXIT_STATUS, Terminated
 
 log = logging.getLogger("sagan")
 
@@ -55,6 +57,9 @@ def _train(args: argparse.Namespace) -> int:
         ensure_dataset(cfg, runtime)
         Trainer(cfg, runtime).train()
         exit_code = 0
+    except Terminated as stopped:
+        log.warning("rank %d %s", runtime.rank, stopped)
+        exit_code = EXIT_STATUS
     except USER_ERRORS as err:
         exit_code = _report("train", err)
     except BaseException:
@@ -115,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_url", metavar="RUN_URL", help="the run folder (run.dir): a local folder or s3://…")
     p.add_argument("--out", required=True, help="the folder to write (local or s3://…)")
     p.set_defaults(run=_report_run)
+
+    submit.add_parsers(sub)
     return parser
 
 

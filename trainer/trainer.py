@@ -32,6 +32,7 @@ from trainer.distributed import Runtime
 from trainer.gan_step import make_backend
 from trainer.metrics import Metrics
 from trainer.run_log import RunLog
+from trainer.termination import StopRequest, Terminated
 
 log = logging.getLogger("trainer")
 
@@ -174,6 +175,11 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def train(self) -> None:
+        """Train to ``trainer.max_steps``; on SIGTERM, stop early with a checkpoint (raises Terminated)."""
+        with StopRequest() as stop:  # before the DataLoader forks its workers: they inherit the handler
+            self._loop(stop)
+
+    def _loop(self, stop: StopRequest) -> None:
         cfg, t, device = self.cfg, self.cfg.trainer, self.runtime.device
         self.maybe_resume()
         batches = iter(self.stream)
@@ -212,10 +218,20 @@ class Trainer:
                 self._save_samples()
             if self.step % cfg.checkpoint.interval_steps == 0 or self.step == t.max_steps:
                 self.save_checkpoint()
+            if self.step % t.log_interval == 0 and self.step < t.max_steps and stop.agreed(device):
+                self._stop_with_checkpoint()
         progress.close()
         if self.runtime.is_main:
             self.run_log.flush()
             self.checkpointer.wait()  # the job succeeds only once its last checkpoint is committed
+
+    def _stop_with_checkpoint(self) -> None:
+        if self.step % self.cfg.checkpoint.interval_steps:  # else this step's checkpoint is on its way
+            self.save_checkpoint()
+        if self.runtime.is_main:
+            self.run_log.flush()
+            self.checkpointer.wait()
+        raise Terminated(self.step)
 
     def _noise(self, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg.trainer
