@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_pipeline.encodings import Encoding
 from data_pipeline.errors import DataError, ObjectNotFound
 from data_pipeline.storage import open_store
 
 MANIFEST_NAME = "manifest.parquet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = (
+    2  # 2: the encoding (png, jpeg, webp, raw), preprocessing and plan are recorded; 1 was PNG only
+)
 
 _SCHEMA = pa.schema(
     [
@@ -50,6 +53,15 @@ class Manifest:
     source: str = ""
     classes: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    encoding: Encoding = field(default_factory=Encoding)  # how the images are stored
+    preprocess: dict[str, str] = field(default_factory=dict)  # crop and resize filter ({} before version 2)
+    plan: str = ""  # the id of the prepare plan that wrote it ("" before version 2)
+    class_descriptions: list[str] = field(default_factory=list)  # from a synset mapping file, if any
+
+    @property
+    def image_extension(self) -> str:
+        """The WebDataset extension of a sample's image member: png, jpg, webp or npy."""
+        return self.encoding.extension
 
     def shard_url(self, index: int) -> str:
         return f"{self.url.rstrip('/')}/{self.shards[index].name}"
@@ -75,6 +87,10 @@ def write_manifest(
     num_classes: int,
     source: str = "",
     classes: list[str] | None = None,
+    encoding: Encoding | None = None,
+    preprocess: dict[str, str] | None = None,
+    plan: str = "",
+    class_descriptions: list[str] | None = None,
 ) -> Manifest:
     """Write ``manifest.parquet`` into the dataset folder ``url`` (atomically) and return it."""
     table = pa.Table.from_pylist(
@@ -98,6 +114,10 @@ def write_manifest(
         "num_samples": str(num_samples),
         "source": source,
         "classes": json.dumps(classes or []),
+        "encoding": json.dumps((encoding or Encoding()).to_metadata()),
+        "preprocess": json.dumps(preprocess or {}),
+        "plan": plan,
+        "class_descriptions": json.dumps(class_descriptions or []),
     }
     table = table.replace_schema_metadata({f"sagan.{k}": v for k, v in metadata.items()})
     buffer = io.BytesIO()
@@ -112,6 +132,10 @@ def write_manifest(
         num_samples=num_samples,
         source=source,
         classes=list(classes or []),
+        encoding=encoding or Encoding(),
+        preprocess=dict(preprocess or {}),
+        plan=plan,
+        class_descriptions=list(class_descriptions or []),
     )
 
 
@@ -152,6 +176,10 @@ def read_manifest(url: str) -> Manifest:
             source=meta.get("sagan.source", ""),
             classes=json.loads(meta.get("sagan.classes", "[]")),
             format_version=version,
+            encoding=Encoding.from_metadata(json.loads(meta.get("sagan.encoding", "{}"))),
+            preprocess=json.loads(meta.get("sagan.preprocess", "{}")),
+            plan=meta.get("sagan.plan", ""),
+            class_descriptions=json.loads(meta.get("sagan.class_descriptions", "[]")),
         )
     except DataError:
         raise
