@@ -83,8 +83,6 @@ def gpu_jpeg_decoder(
         reason = f"the shards hold {image_format}, not jpeg"
     elif image_size != resolution:
         reason = f"the dataset's {image_size}x{image_size} images are resized to {resolution}x{resolution}"
-    elif not torch.cuda.is_available():
-        reason = "no CUDA device is visible"
     else:
         try:
             from torchvision.io import ImageReadMode, decode_jpeg
@@ -92,8 +90,9 @@ def gpu_jpeg_decoder(
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             reason = f"torchvision cannot be imported ({type(exc).__name__}: {detail})"
         else:
-            return GpuJpegDecoder(
-                decode_jpeg, ImageReadMode.RGB, torch.device("cuda", torch.cuda.current_device())
-            )
+            if torch.cuda.is_available():
+                device = torch.device("cuda", torch.cuda.current_device())
+                return GpuJpegDecoder(decode_jpeg, ImageReadMode.RGB, device)
+            reason = "no CUDA device is visible"
     log.warning("data.decode_device=cuda: %s; decoding on the CPU in the DataLoader workers instead", reason)
     return None

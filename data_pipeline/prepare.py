@@ -32,7 +32,7 @@ import tarfile
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +51,8 @@ from data_pipeline.storage import Store, open_store
 log = logging.getLogger("data_pipeline")
 
 SHARD_NAME = re.compile(r"^shard-[0-9a-z]+-\d{6,}\.(tar|json)$")  # shards and records of any plan
+# what a killed atomic write to a local folder leaves behind (LocalStore writes ".<name>.<token>.tmp")
+KILLED_WRITE = re.compile(r"^\.(shard-[0-9a-z]+-\d{6,}\.(tar|json)|manifest\.parquet)\.[0-9a-f]+\.tmp$")
 TAR_BLOCK = 512
 TAR_MTIME = 0  # fixed, so that a shard's bytes depend on its samples only
 ESTIMATE_SAMPLES = 64  # encoded to turn a shard size in bytes into samples per shard
@@ -86,7 +88,11 @@ class PrepareSummary:
             return f"already prepared: {what}"
         text = f"prepared {what} in {self.seconds:.1f}s"
         if self.world_size > 1 or self.workers > 1:
-            text += f" ({self.world_size} ranks x {self.workers} workers)"
+            text += (
+                f" ({self.world_size} ranks x {self.workers} workers)"
+                if self.world_size > 1
+                else f" ({self.workers} workers)"
+            )
         if self.num_reused_shards:
             text += f"; reused {self.num_reused_shards} shards committed by an interrupted run"
         if self.num_skipped:
@@ -357,8 +363,9 @@ def _made_in_order(maker: _ShardMaker, todo: list[int], workers: int) -> Iterabl
             yield made
 
 
-def _take(iterator: Iterable[int], count: int) -> list[int]:
-    return [index for index, _ in zip(iterator, range(count))]
+def _take(iterator: Iterator[int], count: int) -> list[int]:
+    """The next ``count`` items (fewer at the end); range first, so zip draws no item it then drops."""
+    return [index for _, index in zip(range(count), iterator)]
 
 
 class _Committer:
@@ -553,6 +560,7 @@ def prepare(
         keep = {s.name for s in shards}
         stale = [name for name in store.list("shard-") if SHARD_NAME.match(name) and name not in keep]
         store.delete(stale)
+        store.delete(name for name in store.list(".") if KILLED_WRITE.match(name))
         return PrepareSummary(
             url=store.url,
             num_shards=len(shards),
