@@ -21,18 +21,12 @@ Two prepares must not write to the same folder at the same time.
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
-import multiprocessing
 import re
-import signal
-import tarfile
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +38,9 @@ from tqdm import tqdm
 from data_pipeline.encodings import Encoding
 from data_pipeline.errors import DataError, ObjectNotFound
 from data_pipeline.images import Preprocess
-from data_pipeline.manifest import ShardInfo, read_manifest, write_manifest
-from data_pipeline.sources import Source, open_source
+from data_pipeline.manifest import read_manifest, write_manifest
+from data_pipeline.shard_plan import MadeShard, Plan, ShardMaker, made_in_order, make_plan
+from data_pipeline.sources import open_source
 from data_pipeline.storage import Store, open_store
 
 log = logging.getLogger("data_pipeline")
@@ -53,12 +48,7 @@ log = logging.getLogger("data_pipeline")
 SHARD_NAME = re.compile(r"^shard-[0-9a-z]+-\d{6,}\.(tar|json)$")  # shards and records of any plan
 # what a killed atomic write to a local folder leaves behind (LocalStore writes ".<name>.<token>.tmp")
 KILLED_WRITE = re.compile(r"^\.(shard-[0-9a-z]+-\d{6,}\.(tar|json)|manifest\.parquet)\.[0-9a-f]+\.tmp$")
-TAR_BLOCK = 512
-TAR_MTIME = 0  # fixed, so that a shard's bytes depend on its samples only
-ESTIMATE_SAMPLES = 64  # encoded to turn a shard size in bytes into samples per shard
 MAX_PENDING_UPLOADS = 2
-SHARDS_AHEAD_PER_WORKER = 2  # shards queued per worker process: bounds the local disk in use
-WRITE_BUFFER_BYTES = 8 * 2**20
 RECORD_READ_THREADS = 8
 
 
@@ -157,217 +147,6 @@ def _on_rank0(ranks: RankGroup, compute: Callable[[], Any]) -> Any:
     return result
 
 
-# --------------------------------------------------------------------------------------------------
-# The plan
-
-
-@dataclass(frozen=True)
-class Plan:
-    id: str
-    fingerprint: str  # of the source
-    num_samples: int  # in the source (readable or not)
-    shard_samples: int
-    image_size: int
-    encoding: Encoding
-    preprocess: Preprocess
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_samples // self.shard_samples)
-
-    @property
-    def key_width(self) -> int:
-        return max(6, len(str(self.num_samples - 1)))
-
-    def positions(self, shard: int) -> range:
-        start = shard * self.shard_samples
-        return range(start, min(start + self.shard_samples, self.num_samples))
-
-    def shard_name(self, shard: int) -> str:
-        return f"shard-{self.id}-{shard:06d}.tar"
-
-    def record_name(self, shard: int) -> str:
-        return f"shard-{self.id}-{shard:06d}.json"
-
-
-def _member_bytes(size: int) -> int:
-    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
-
-
-def _estimate_shard_samples(
-    src: Source,
-    order: np.ndarray,
-    encoding: Encoding,
-    preprocess: Preprocess,
-    image_size: int,
-    shard_size: int,
-) -> int:
-    """Samples per shard for shards of about ``shard_size`` bytes, from the first samples' encoded sizes."""
-    sizes = []
-    for index in order[:ESTIMATE_SAMPLES]:
-        try:
-            image, label = src.load(int(index))
-            data = encoding.encode(preprocess.apply(image, image_size))
-        except Exception:  # unreadable images are reported when the shards are made
-            continue
-        sizes.append(_member_bytes(len(data)) + _member_bytes(len(str(label))))
-    if not sizes:
-        raise DataError(
-            f"none of the first {min(len(order), ESTIMATE_SAMPLES)} images of {src.name} is readable"
-        )
-    per_sample = -(-sum(sizes) // len(sizes))
-    return max(1, (shard_size - tarfile.RECORDSIZE) // per_sample)
-
-
-def _make_plan(
-    src: Source,
-    order: np.ndarray,
-    *,
-    seed: int,
-    image_size: int,
-    encoding: Encoding,
-    preprocess: Preprocess,
-    shard_size: int,
-    shard_samples: int | None,
-) -> Plan:
-    if shard_samples is None:
-        shard_samples = _estimate_shard_samples(src, order, encoding, preprocess, image_size, shard_size)
-    facts = {
-        "source": src.fingerprint,
-        "num_samples": src.num_samples,
-        "seed": seed,
-        "image_size": image_size,
-        "encoding": encoding.to_metadata(),
-        "preprocess": preprocess.to_metadata(),
-        "shard_samples": shard_samples,
-    }
-    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
-    return Plan(digest, src.fingerprint, src.num_samples, shard_samples, image_size, encoding, preprocess)
-
-
-# --------------------------------------------------------------------------------------------------
-# Making shards (in this process or in worker processes)
-
-
-@dataclass(frozen=True)
-class _Made:
-    """A shard written to the local work folder, or read back from its record."""
-
-    index: int
-    info: ShardInfo
-    num_skipped: int
-
-    def record(self) -> bytes:
-        info = self.info
-        return json.dumps(
-            {
-                "index": self.index,
-                "name": info.name,
-                "num_samples": info.num_samples,
-                "num_bytes": info.num_bytes,
-                "sha256": info.sha256,
-                "class_counts": list(info.class_counts),
-                "num_skipped": self.num_skipped,
-            }
-        ).encode()
-
-    @classmethod
-    def from_record(cls, data: bytes) -> _Made:
-        row = json.loads(data)
-        info = ShardInfo(
-            row["name"],
-            int(row["num_samples"]),
-            int(row["num_bytes"]),
-            row["sha256"],
-            tuple(row["class_counts"]),
-        )
-        return cls(int(row["index"]), info, int(row["num_skipped"]))
-
-
-@dataclass(frozen=True)
-class _ShardMaker:
-    source: Source
-    order: np.ndarray
-    plan: Plan
-    workdir: Path
-
-    def make(self, index: int) -> _Made:
-        plan, src = self.plan, self.source
-        path = self.workdir / plan.shard_name(index)
-        counts = [0] * src.num_classes
-        written = skipped = 0
-        with (
-            open(path, "wb", buffering=WRITE_BUFFER_BYTES) as file,
-            tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar,
-        ):
-            for position in plan.positions(index):
-                source_index = int(self.order[position])
-                try:
-                    image, label = src.load(source_index)
-                    data = plan.encoding.encode(plan.preprocess.apply(image, plan.image_size))
-                except Exception as exc:  # a broken source file is reported, not fatal
-                    skipped += 1
-                    log.warning("skipping unreadable source image %d of %s: %s", source_index, src.name, exc)
-                    continue
-                if not 0 <= label < src.num_classes:
-                    raise DataError(
-                        f"label {label} of source image {source_index} is outside 0..{src.num_classes - 1}"
-                    )
-                key = f"{position:0{plan.key_width}d}"
-                for name, member in (
-                    (f"{key}.{plan.encoding.extension}", data),
-                    (f"{key}.cls", str(label).encode()),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = len(member), TAR_MTIME, 0o644
-                    tar.addfile(info, io.BytesIO(member))
-                written += 1
-                counts[label] += 1
-        with open(path, "rb") as file:
-            sha256 = hashlib.file_digest(file, "sha256").hexdigest()
-        info = ShardInfo(path.name, written, path.stat().st_size, sha256, tuple(counts))
-        return _Made(index, info, skipped)
-
-
-_worker_maker: _ShardMaker | None = None  # the maker of a worker process, inherited at fork
-
-
-def _start_worker(maker: _ShardMaker) -> None:
-    global _worker_maker
-    _worker_maker = maker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-
-
-def _make_in_worker(index: int) -> _Made:
-    assert _worker_maker is not None
-    return _worker_maker.make(index)
-
-
-def _made_in_order(maker: _ShardMaker, todo: list[int], workers: int) -> Iterable[_Made]:
-    """The shards ``todo``, made in this process or by ``workers`` forked processes, in order."""
-    if workers == 1 or len(todo) < 2:
-        for index in todo:
-            yield maker.make(index)
-        return
-    # fork: the source (its file list or decoded arrays) is inherited, not pickled
-    context = multiprocessing.get_context("fork")
-    with context.Pool(min(workers, len(todo)), initializer=_start_worker, initargs=(maker,)) as pool:
-        queue = iter(todo)
-        pending = deque(
-            pool.apply_async(_make_in_worker, (index,))
-            for index in _take(queue, workers * SHARDS_AHEAD_PER_WORKER)
-        )
-        while pending:
-            made = pending.popleft().get()
-            pending.extend(pool.apply_async(_make_in_worker, (index,)) for index in _take(queue, 1))
-            yield made
-
-
-def _take(iterator: Iterator[int], count: int) -> list[int]:
-    """The next ``count`` items (fewer at the end); range first, so zip draws no item it then drops."""
-    return [index for _, index in zip(range(count), iterator)]
-
-
 class _Committer:
     """Uploads made shards and then their records, in a background thread, a bounded number at a time."""
 
@@ -376,12 +155,12 @@ class _Committer:
         self.uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-upload")
         self.pending: deque[Future[None]] = deque()
 
-    def submit(self, made: _Made, path: Path) -> None:
+    def submit(self, made: MadeShard, path: Path) -> None:
         while len(self.pending) >= MAX_PENDING_UPLOADS:
             self.pending.popleft().result()
         self.pending.append(self.uploader.submit(self.commit, made, path))
 
-    def commit(self, made: _Made, path: Path) -> None:
+    def commit(self, made: MadeShard, path: Path) -> None:
         if made.info.num_samples:
             self.store.upload_file(made.info.name, path)
         self.store.write_bytes(self.plan.record_name(made.index), made.record())
@@ -396,11 +175,11 @@ class _Committer:
 
 
 def _make_rank_shards(
-    maker: _ShardMaker, store: Store, todo: list[int], workers: int, progress: bool, desc: str
-) -> list[_Made]:
+    maker: ShardMaker, store: Store, todo: list[int], workers: int, progress: bool, desc: str
+) -> list[MadeShard]:
     plan = maker.plan
-    made_here: list[_Made] = []
-    shards = _made_in_order(maker, todo, workers)  # a generator: the worker pool starts at the first next()
+    made_here: list[MadeShard] = []
+    shards = made_in_order(maker, todo, workers)  # a generator: the worker pool starts at the first next()
     committer: _Committer | None = None
     bar = None
     try:
@@ -425,13 +204,13 @@ def _make_rank_shards(
     return made_here
 
 
-def _read_records(store: Store, plan: Plan) -> dict[int, _Made]:
+def _read_records(store: Store, plan: Plan) -> dict[int, MadeShard]:
     """The shards of ``plan`` committed so far, by index."""
     names = [n for n in store.list(f"shard-{plan.id}-") if n.endswith(".json")]
 
-    def read(name: str) -> _Made | None:
+    def read(name: str) -> MadeShard | None:
         try:
-            made = _Made.from_record(store.read_bytes(name))
+            made = MadeShard.from_record(store.read_bytes(name))
         except ObjectNotFound:
             return None
         except (ValueError, KeyError, TypeError):
@@ -452,7 +231,7 @@ class _Setup:
     """What rank 0 found out before the work starts, sent to every rank."""
 
     plan: Plan
-    committed: dict[int, _Made]
+    committed: dict[int, MadeShard]
     already_prepared: bool
 
 
@@ -491,7 +270,7 @@ def prepare(
     order = np.random.default_rng(seed).permutation(src.num_samples)
 
     def plan_and_look() -> _Setup:
-        plan = _make_plan(
+        plan = make_plan(
             src,
             order,
             seed=seed,
@@ -512,7 +291,7 @@ def prepare(
             f"rank {ranks.rank} reads another {source} than rank 0 (fingerprint {src.fingerprint}, rank 0 "
             f"{plan.fingerprint}): every rank must see the same files"
         )
-    made_here: list[_Made] = []
+    made_here: list[MadeShard] = []
     if not setup.already_prepared:
         todo = [
             i
@@ -526,7 +305,7 @@ def prepare(
             )  # fmt: skip
         desc = f"prepare {src.name}" + (f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else "")
         with tempfile.TemporaryDirectory(prefix="sagan-prepare-") as workdir:
-            maker = _ShardMaker(src, order, plan, Path(workdir))
+            maker = ShardMaker(src, order, plan, Path(workdir))
             made_here = _make_rank_shards(maker, store, todo, workers, progress and ranks.rank == 0, desc)
     gathered = ranks.gather(made_here)
 
