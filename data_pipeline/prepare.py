@@ -77,12 +77,11 @@ class PrepareSummary:
         if self.already_prepared:
             return f"already prepared: {what}"
         text = f"prepared {what} in {self.seconds:.1f}s"
-        if self.world_size > 1 or self.workers > 1:
-            text += (
-                f" ({self.world_size} ranks x {self.workers} workers)"
-                if self.world_size > 1
-                else f" ({self.workers} workers)"
-            )
+        workers = f"{self.workers} worker{'s' if self.workers > 1 else ''}"
+        if self.world_size > 1:
+            text += f" ({self.world_size} ranks x {workers})"
+        elif self.workers > 1:
+            text += f" ({workers})"
         if self.num_reused_shards:
             text += f"; reused {self.num_reused_shards} shards committed by an interrupted run"
         if self.num_skipped:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -32,15 +33,16 @@ NUM_IMAGES = 45  # and one broken file, skipped alike by every rank
 SHARD_SAMPLES = 4
 
 
-def run_sagan(*command: str) -> str:
-    """A command (mpiexec, torchrun or sagan itself) from the venv, in its own session; its output."""
+def start(*command: str, **extra_env: str) -> subprocess.Popen:
+    """A command (mpiexec, torchrun or sagan itself) from the venv, in its own session."""
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
+        **extra_env,
     }
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [str(BIN / command[0]), *command[1:]],
         cwd=ROOT,
         env=env,
@@ -49,14 +51,28 @@ def run_sagan(*command: str) -> str:
         text=True,
         start_new_session=True,
     )
+
+
+def finish(process: subprocess.Popen) -> str:
+    """The output of a started command, which must succeed within TIMEOUT."""
     try:
         output, _ = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"{command} did not finish within {TIMEOUT}s:\n{output[-3000:]}")
-    assert process.returncode == 0, f"{command} exited with {process.returncode}:\n{output[-3000:]}"
+        pytest.fail(f"{process.args} did not finish within {TIMEOUT}s:\n{output[-3000:]}")
+    assert process.returncode == 0, f"{process.args} exited with {process.returncode}:\n{output[-3000:]}"
     return output
+
+
+def run_sagan(*command: str) -> str:
+    return finish(start(*command))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +161,32 @@ def test_two_ranks_under_torchrun_write_what_one_process_writes(folder, one_proc
     output = run_sagan(
         "torchrun", "--standalone", "--nproc_per_node=2", "--no-python", "sagan", *prepare_args(folder, out)
     )
-    assert "via torchrun" in output and "(2 ranks x 1 workers)" in output
+    assert "via torchrun" in output and "(2 ranks x 1 worker)" in output
+    assert_same_dataset(out, one_process)
+
+
+@pytest.mark.slow
+def test_two_ranks_started_as_srun_starts_them_write_what_one_process_writes(folder, one_process, tmp_path):
+    """A SLURM step without MPI: srun starts every task with SLURM_PROCID, SLURM_NTASKS, ... and the
+    batch script exports MASTER_ADDR and MASTER_PORT (launch/slurm_prepare.sh); here the two tasks are
+    started by hand with that environment."""
+    out = tmp_path / "slurm"
+    port = free_port()
+    slurm = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "1"}
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    tasks = [
+        start(
+            "sagan",
+            *prepare_args(folder, out),
+            SLURM_PROCID=str(r),
+            SLURM_LOCALID=str(r),
+            **slurm,
+            **rendezvous,
+        )
+        for r in range(2)
+    ]
+    outputs = [finish(task) for task in tasks]
+    assert "rank 1/2 (local 1/2) via slurm" in outputs[1] and "(2 ranks x 1 worker)" in outputs[0]
     assert_same_dataset(out, one_process)
 
 
