@@ -323,6 +323,13 @@ def prepare(
             shards = [made[i].info for i in range(plan.num_shards) if made[i].info.num_samples]
             if not shards:
                 raise DataError(f"no readable images in source {source!r}")
+            present = set(store.list(f"shard-{plan.id}-"))
+            absent = [s.name for s in shards if s.name not in present]
+            if absent:
+                raise DataError(
+                    f"{len(absent)} shards the ranks made are not at {store.url} (first: {absent[0]}): with a local "
+                    "--out, every rank must write to the same shared folder"
+                )
             write_manifest(
                 out,
                 shards,

@@ -33,7 +33,7 @@ NUM_IMAGES = 45  # and one broken file, skipped alike by every rank
 SHARD_SAMPLES = 4
 
 
-def start(*command: str, **extra_env: str) -> subprocess.Popen:
+def start(*command: str, cwd: Path = ROOT, **extra_env: str) -> subprocess.Popen:
     """A command (mpiexec, torchrun or sagan itself) from the venv, in its own session."""
     env = {
         **os.environ,
@@ -44,7 +44,7 @@ def start(*command: str, **extra_env: str) -> subprocess.Popen:
     }
     return subprocess.Popen(
         [str(BIN / command[0]), *command[1:]],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -53,15 +53,15 @@ def start(*command: str, **extra_env: str) -> subprocess.Popen:
     )
 
 
-def finish(process: subprocess.Popen) -> str:
-    """The output of a started command, which must succeed within TIMEOUT."""
+def finish(process: subprocess.Popen, status: int = 0) -> str:
+    """The output of a started command, which must end within TIMEOUT with ``status``."""
     try:
         output, _ = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         pytest.fail(f"{process.args} did not finish within {TIMEOUT}s:\n{output[-3000:]}")
-    assert process.returncode == 0, f"{process.args} exited with {process.returncode}:\n{output[-3000:]}"
+    assert process.returncode == status, f"{process.args} exited with {process.returncode}:\n{output[-3000:]}"
     return output
 
 
@@ -172,22 +172,34 @@ def test_two_ranks_started_as_srun_starts_them_write_what_one_process_writes(fol
     started by hand with that environment."""
     out = tmp_path / "slurm"
     port = free_port()
-    slurm = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "1"}
-    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    tasks = [
-        start(
-            "sagan",
-            *prepare_args(folder, out),
-            SLURM_PROCID=str(r),
-            SLURM_LOCALID=str(r),
-            **slurm,
-            **rendezvous,
-        )
-        for r in range(2)
-    ]
+    tasks = [start("sagan", *prepare_args(folder, out), **srun_task(rank, port)) for rank in range(2)]
     outputs = [finish(task) for task in tasks]
     assert "rank 1/2 (local 1/2) via slurm" in outputs[1] and "(2 ranks x 1 worker)" in outputs[0]
     assert_same_dataset(out, one_process)
+
+
+def srun_task(rank: int, port: int) -> dict[str, str]:
+    """The environment of one of two tasks of a SLURM step without MPI, on one node."""
+    return {
+        "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2",
+        "SLURM_STEP_NUM_NODES": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ranks_writing_to_different_local_folders_commit_nothing(folder, tmp_path):
+    """Node-local --out folders (here: a relative --out and a different working directory per rank):
+    rank 0 finds the other rank's shards missing, every rank says so, and no manifest is written."""
+    port = free_port()
+    folders = [tmp_path / f"node{rank}" for rank in range(2)]
+    tasks = []
+    for rank, cwd in enumerate(folders):
+        cwd.mkdir()
+        tasks.append(start("sagan", *prepare_args(folder, Path("ds")), cwd=cwd, **srun_task(rank, port)))
+    outputs = [finish(task, status=2) for task in tasks]
+    assert all("shards the ranks made are not at ds" in output for output in outputs), outputs[0][-2000:]
+    assert all("every rank must write to the same shared folder" in output for output in outputs)
+    assert not any((cwd / "ds" / "manifest.parquet").exists() for cwd in folders)
 
 
 @pytest.mark.slow
