@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,7 +40,7 @@ from data_pipeline.errors import DataError, ObjectNotFound
 from data_pipeline.images import Preprocess
 from data_pipeline.manifest import read_manifest, write_manifest
 from data_pipeline.shard_plan import MadeShard, Plan, ShardMaker, made_in_order, make_plan
-from data_pipeline.sources import open_source
+from data_pipeline.sources import Source, open_source
 from data_pipeline.storage import Store, open_store
 
 log = logging.getLogger("data_pipeline")
@@ -270,100 +270,99 @@ def prepare(
 
     def plan_and_look() -> _Setup:
         plan = make_plan(
-            src,
-            order,
-            seed=seed,
-            image_size=image_size,
-            encoding=encoding,
-            preprocess=preprocess,
-            shard_size=shard_size,
-            shard_samples=shard_samples,
-        )
+            src, order, seed=seed, image_size=image_size, encoding=encoding, preprocess=preprocess,
+            shard_size=shard_size, shard_samples=shard_samples,
+        )  # fmt: skip
         if _manifest_plan(out) == plan.id:
             return _Setup(plan, {}, already_prepared=True)
         return _Setup(plan, _read_records(store, plan), already_prepared=False)
 
     setup: _Setup = _on_rank0(ranks, plan_and_look)
-    plan = setup.plan
-    if src.fingerprint != plan.fingerprint:
+    if src.fingerprint != setup.plan.fingerprint:
         raise DataError(
             f"rank {ranks.rank} reads another {source} than rank 0 (fingerprint {src.fingerprint}, rank 0 "
-            f"{plan.fingerprint}): every rank must see the same files"
+            f"{setup.plan.fingerprint}): every rank must see the same files"
         )
-    made_here: list[MadeShard] = []
-    if not setup.already_prepared:
-        todo = [
-            i
-            for i in range(plan.num_shards)
-            if i % ranks.world_size == ranks.rank and i not in setup.committed
-        ]
-        if ranks.rank == 0:
-            log.info(
-                "plan %s: %d samples in %d shards of %d, %d committed before", plan.id, plan.num_samples,
-                plan.num_shards, plan.shard_samples, len(setup.committed),
-            )  # fmt: skip
-        desc = f"prepare {src.name}" + (f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else "")
-        with tempfile.TemporaryDirectory(prefix="sagan-prepare-") as workdir:
-            maker = ShardMaker(src, order, plan, Path(workdir))
-            made_here = _make_rank_shards(maker, store, todo, workers, progress and ranks.rank == 0, desc)
+    made_here = (
+        [] if setup.already_prepared else _make_my_shards(src, order, store, setup, ranks, workers, progress)
+    )
     gathered = ranks.gather(made_here)
+    summary: PrepareSummary = _on_rank0(ranks, lambda: _commit(src, out, store, setup, gathered or []))
+    return replace(
+        summary, seconds=time.perf_counter() - started, world_size=ranks.world_size, workers=workers
+    )
 
-    def commit() -> PrepareSummary:
-        assert gathered is not None
-        made = {m.index: m for m in [*setup.committed.values(), *(m for part in gathered for m in part)]}
-        if setup.already_prepared:
-            manifest = read_manifest(out)
-            shards = manifest.shards
-        else:
-            missing = [i for i in range(plan.num_shards) if i not in made]
-            if missing:
-                raise DataError(
-                    f"{len(missing)} shards of plan {plan.id} were not made (first: {missing[0]})"
-                )
-            shards = [made[i].info for i in range(plan.num_shards) if made[i].info.num_samples]
-            if not shards:
-                raise DataError(f"no readable images in source {source!r}")
-            present = set(store.list(f"shard-{plan.id}-"))
-            absent = [s.name for s in shards if s.name not in present]
-            if absent:
-                raise DataError(
-                    f"{len(absent)} shards the ranks made are not at {store.url} (first: {absent[0]}): with a local "
-                    "--out, every rank must write to the same shared folder"
-                )
-            write_manifest(
-                out,
-                shards,
-                image_size=image_size,
-                num_classes=src.num_classes,
-                source=src.name,
-                classes=src.classes,
-                encoding=encoding,
-                preprocess=preprocess.to_metadata(),
-                plan=plan.id,
-                class_descriptions=src.class_descriptions,
+
+def _make_my_shards(
+    src: Source,
+    order: np.ndarray,
+    store: Store,
+    setup: _Setup,
+    ranks: RankGroup,
+    workers: int,
+    progress: bool,
+) -> list[MadeShard]:
+    """This rank's shards not committed before: i = rank (mod world size)."""
+    plan = setup.plan
+    todo = [
+        i for i in range(plan.num_shards) if i % ranks.world_size == ranks.rank and i not in setup.committed
+    ]
+    if ranks.rank == 0:
+        log.info(
+            "plan %s: %d samples in %d shards of %d, %d committed before", plan.id, plan.num_samples,
+            plan.num_shards, plan.shard_samples, len(setup.committed),
+        )  # fmt: skip
+    desc = f"prepare {src.name}" + (f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else "")
+    with tempfile.TemporaryDirectory(prefix="sagan-prepare-") as workdir:
+        maker = ShardMaker(src, order, plan, Path(workdir))
+        return _make_rank_shards(maker, store, todo, workers, progress and ranks.rank == 0, desc)
+
+
+def _commit(
+    src: Source, out: str, store: Store, setup: _Setup, gathered: list[list[MadeShard]]
+) -> PrepareSummary:
+    """On rank 0, once every rank is done: the manifest (unless already there), then the clean-up."""
+    plan = setup.plan
+    made = {m.index: m for m in [*setup.committed.values(), *(m for part in gathered for m in part)]}
+    if setup.already_prepared:
+        shards = read_manifest(out).shards
+    else:
+        missing = [i for i in range(plan.num_shards) if i not in made]
+        if missing:
+            raise DataError(f"{len(missing)} shards of plan {plan.id} were not made (first: {missing[0]})")
+        shards = [made[i].info for i in range(plan.num_shards) if made[i].info.num_samples]
+        if not shards:
+            raise DataError(f"no readable images in source {src.name!r}")
+        present = set(store.list(f"shard-{plan.id}-"))
+        absent = [s.name for s in shards if s.name not in present]
+        if absent:
+            raise DataError(
+                f"{len(absent)} shards the ranks made are not at {store.url} (first: {absent[0]}): with a local "
+                "--out, every rank must write to the same shared folder"
             )
-        keep = {s.name for s in shards}
-        stale = [name for name in store.list("shard-") if SHARD_NAME.match(name) and name not in keep]
-        store.delete(stale)
-        store.delete(name for name in store.list(".") if KILLED_WRITE.match(name))
-        return PrepareSummary(
-            url=store.url,
-            num_shards=len(shards),
-            num_samples=sum(s.num_samples for s in shards),
-            num_bytes=sum(s.num_bytes for s in shards),
-            seconds=time.perf_counter() - started,
-            num_classes=src.num_classes,
-            image_size=image_size,
-            num_skipped=sum(m.num_skipped for m in made.values()),
-            num_removed_shards=sum(1 for name in stale if name.endswith(".tar") and plan.id not in name),
-            num_reused_shards=len(setup.committed),
-            already_prepared=setup.already_prepared,
-            format=encoding.format,
-            world_size=ranks.world_size,
-            workers=workers,
-        )
-
-    return _on_rank0(ranks, commit)
+        write_manifest(
+            out, shards, image_size=plan.image_size, num_classes=src.num_classes, source=src.name,
+            classes=src.classes, encoding=plan.encoding, preprocess=plan.preprocess.to_metadata(), plan=plan.id,
+            class_descriptions=src.class_descriptions,
+        )  # fmt: skip
+    keep = {s.name for s in shards}
+    stale = [name for name in store.list("shard-") if SHARD_NAME.match(name) and name not in keep]
+    store.delete(stale)
+    store.delete(name for name in store.list(".") if KILLED_WRITE.match(name))
+    return PrepareSummary(
+        url=store.url,
+        num_shards=len(shards),
+        num_samples=sum(s.num_samples for s in shards),
+        num_bytes=sum(s.num_bytes for s in shards),
+        seconds=0.0,
+        num_classes=src.num_classes,
+        image_size=plan.image_size,
+        num_skipped=sum(m.num_skipped for m in made.values()),
+        num_removed_shards=sum(1 for name in stale if name.endswith(".tar") and plan.id not in name),
+        num_reused_shards=len(setup.committed),
+        already_prepared=setup.already_prepared,
+        format=plan.encoding.format,
+    )
 
 
 def _manifest_plan(out: str) -> str:
