@@ -9,6 +9,7 @@ and at the end, when rank 0 commits the manifest; in between each rank makes its
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from data_pipeline.prepare import RankGroup
@@ -16,6 +17,7 @@ from trainer.distributed import Runtime
 
 # Ranks wait at the end for the slowest one; a rank that dies ends the job through its launcher.
 COLLECTIVE_TIMEOUT_SECONDS = 12 * 3600
+MPI_POLL_SECONDS = 0.05
 
 
 class MpiRanks:
@@ -24,10 +26,19 @@ class MpiRanks:
         self.rank, self.world_size = comm.Get_rank(), comm.Get_size()
 
     def broadcast(self, value: Any) -> Any:
+        self.wait_for_all()
         return self.comm.bcast(value, root=0)
 
     def gather(self, value: Any) -> list[Any] | None:
+        self.wait_for_all()
         return self.comm.gather(value, root=0)
+
+    def wait_for_all(self) -> None:
+        """MPICH's collectives spin while they wait; a barrier polled with sleeps leaves the core of a
+        rank that is early (a finished rank, or every rank while rank 0 plans) to the others."""
+        request = self.comm.Ibarrier()
+        while not request.Test():
+            time.sleep(MPI_POLL_SECONDS)
 
 
 class TorchDistributedRanks:
