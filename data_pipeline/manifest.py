@@ -1,7 +1,10 @@
 """The dataset manifest: one Parquet row per shard, dataset facts in the table metadata.
 
 Shards are named relative to the manifest's folder, so a prepared dataset can be copied or moved
-(local dir <-> bucket) as a whole. Writing the manifest is the commit point of ``prepare``.
+(local dir <-> bucket) as a whole. Writing the manifest is the commit point of ``prepare``. The
+facts: image size, classes (names, and descriptions from a synset mapping), the encoding of the
+images, the crop and resize filter that made them, and the id of the plan that wrote them.
+Manifests of format 1 (before encodings) hold PNG images made with a centre crop and Lanczos.
 """
 
 from __future__ import annotations
@@ -157,6 +160,10 @@ def read_manifest(url: str) -> Manifest:
         version = int(meta["sagan.format_version"])
         if version > FORMAT_VERSION:
             raise DataError(f"{where} has format version {version}; this code reads up to {FORMAT_VERSION}")
+        try:
+            encoding = Encoding.from_metadata(json.loads(meta.get("sagan.encoding", "{}")))
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
         rows = table.select([f.name for f in _SCHEMA]).to_pylist()
         manifest = Manifest(
             url=folder,
@@ -176,7 +183,7 @@ def read_manifest(url: str) -> Manifest:
             source=meta.get("sagan.source", ""),
             classes=json.loads(meta.get("sagan.classes", "[]")),
             format_version=version,
-            encoding=Encoding.from_metadata(json.loads(meta.get("sagan.encoding", "{}"))),
+            encoding=encoding,
             preprocess=json.loads(meta.get("sagan.preprocess", "{}")),
             plan=meta.get("sagan.plan", ""),
             class_descriptions=json.loads(meta.get("sagan.class_descriptions", "[]")),
