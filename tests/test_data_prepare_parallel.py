@@ -145,6 +145,13 @@ def test_two_worker_processes_write_what_one_process_writes(folder, one_process,
     assert len(keys) == len(set(keys)) == NUM_IMAGES
     assert Counter(c for _, _, c in samples_of(out)) == {0: 15, 1: 15, 2: 15}
 
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = prepare(
+        f"imagefolder:{folder}", str(out), image_size=8, shard_samples=SHARD_SAMPLES, progress=False
+    )
+    assert again.already_prepared and str(again).startswith("already prepared: 45 samples")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files  # nothing made or written again
+
 
 @pytest.mark.slow
 def test_two_ranks_under_mpiexec_write_what_one_process_writes(folder, one_process, tmp_path):
