@@ -152,7 +152,8 @@ def main() -> None:
     print(f"\n{os.cpu_count()} CPUs; quality {args.quality} for jpeg and webp; stream: 1 rank, "
           f"{args.stream_workers} workers, batch {args.batch_size}; load {os.getloadavg()}")  # fmt: skip
     print(
-        "| size | format | bytes/image (in shards) | decode img/s per core (CPU time; wall) | stream img/s (moto S3) "
+        "| size | format | bytes/image in shards (image alone) | decode img/s per core (CPU time; wall) "
+        "| stream img/s (moto S3) "
         f"| S3 MB/s per node at {NODE_IMAGES_PER_SECOND / 1000:.1f}k img/s | decode cores per node |"
     )
     print("|---|---|---|---|---|---|---|")
@@ -160,7 +161,8 @@ def main() -> None:
         bandwidth = r["bytes"] * NODE_IMAGES_PER_SECOND / 1e6
         cores = NODE_IMAGES_PER_SECOND / r["decode"]
         print(
-            f"| {size}² | {fmt} | {r['bytes'] / 1024:,.1f} KiB | {r['decode']:,.0f} ({r['decode_wall']:,.0f}) "
+            f"| {size}² | {fmt} | {r['bytes'] / 1024:,.1f} KiB ({r['payload'] / 1024:,.1f}) "
+            f"| {r['decode']:,.0f} ({r['decode_wall']:,.0f}) "
             f"| {r['stream']:,.0f} "
             f"| {bandwidth:,.0f} | {cores:.1f} |"
         )
