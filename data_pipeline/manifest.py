@@ -1,7 +1,10 @@
 """The dataset manifest: one Parquet row per shard, dataset facts in the table metadata.
 
 Shards are named relative to the manifest's folder, so a prepared dataset can be copied or moved
-(local dir <-> bucket) as a whole. Writing the manifest is the commit point of ``prepare``.
+(local dir <-> bucket) as a whole. Writing the manifest is the commit point of ``prepare``. The
+facts: image size, classes (names, and descriptions from a synset mapping), the encoding of the
+images, the crop and resize filter that made them, and the id of the plan that wrote them.
+Manifests of format 1 (before encodings) hold PNG images made with a centre crop and Lanczos.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_pipeline.encodings import Encoding
 from data_pipeline.errors import DataError, ObjectNotFound
 from data_pipeline.storage import open_store
 
 MANIFEST_NAME = "manifest.parquet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = (
+    2  # 2: the encoding (png, jpeg, webp, raw), preprocessing and plan are recorded; 1 was PNG only
+)
 
 _SCHEMA = pa.schema(
     [
@@ -50,6 +56,15 @@ class Manifest:
     source: str = ""
     classes: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    encoding: Encoding = field(default_factory=Encoding)  # how the images are stored
+    preprocess: dict[str, str] = field(default_factory=dict)  # crop and resize filter ({} before version 2)
+    plan: str = ""  # the id of the prepare plan that wrote it ("" before version 2)
+    class_descriptions: list[str] = field(default_factory=list)  # from a synset mapping file, if any
+
+    @property
+    def image_extension(self) -> str:
+        """The WebDataset extension of a sample's image member: png, jpg, webp or npy."""
+        return self.encoding.extension
 
     def shard_url(self, index: int) -> str:
         return f"{self.url.rstrip('/')}/{self.shards[index].name}"
@@ -75,6 +90,10 @@ def write_manifest(
     num_classes: int,
     source: str = "",
     classes: list[str] | None = None,
+    encoding: Encoding | None = None,
+    preprocess: dict[str, str] | None = None,
+    plan: str = "",
+    class_descriptions: list[str] | None = None,
 ) -> Manifest:
     """Write ``manifest.parquet`` into the dataset folder ``url`` (atomically) and return it."""
     table = pa.Table.from_pylist(
@@ -98,6 +117,10 @@ def write_manifest(
         "num_samples": str(num_samples),
         "source": source,
         "classes": json.dumps(classes or []),
+        "encoding": json.dumps((encoding or Encoding()).to_metadata()),
+        "preprocess": json.dumps(preprocess or {}),
+        "plan": plan,
+        "class_descriptions": json.dumps(class_descriptions or []),
     }
     table = table.replace_schema_metadata({f"sagan.{k}": v for k, v in metadata.items()})
     buffer = io.BytesIO()
@@ -112,6 +135,10 @@ def write_manifest(
         num_samples=num_samples,
         source=source,
         classes=list(classes or []),
+        encoding=encoding or Encoding(),
+        preprocess=dict(preprocess or {}),
+        plan=plan,
+        class_descriptions=list(class_descriptions or []),
     )
 
 
@@ -133,6 +160,10 @@ def read_manifest(url: str) -> Manifest:
         version = int(meta["sagan.format_version"])
         if version > FORMAT_VERSION:
             raise DataError(f"{where} has format version {version}; this code reads up to {FORMAT_VERSION}")
+        try:
+            encoding = Encoding.from_metadata(json.loads(meta.get("sagan.encoding", "{}")))
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
         rows = table.select([f.name for f in _SCHEMA]).to_pylist()
         manifest = Manifest(
             url=folder,
@@ -152,6 +183,10 @@ def read_manifest(url: str) -> Manifest:
             source=meta.get("sagan.source", ""),
             classes=json.loads(meta.get("sagan.classes", "[]")),
             format_version=version,
+            encoding=encoding,
+            preprocess=json.loads(meta.get("sagan.preprocess", "{}")),
+            plan=meta.get("sagan.plan", ""),
+            class_descriptions=json.loads(meta.get("sagan.class_descriptions", "[]")),
         )
     except DataError:
         raise

@@ -1,48 +1,55 @@
 """``sagan prepare``: turn an image source into WebDataset tar shards plus ``manifest.parquet``.
 
-Each sample is ``<key>.png`` (RGB, image_size x image_size) and ``<key>.cls`` (the class as decimal
-text); keys are the zero-padded sample indices. Samples are shuffled (seeded) before sharding, so
-every shard mixes the classes. A run writes its shards under fresh names, commits by writing the
-manifest last, and only then deletes the shards of earlier runs: readers see the old dataset or the
-new one, never a mix.
+Each sample is ``<key>.<ext>`` (RGB, image_size x image_size, stored as PNG, JPEG, WebP or a raw
+uint8 ``.npy``) and ``<key>.cls`` (the class as decimal text).
+
+The work is planned before any image is read. The source's samples are shuffled (seeded) and cut
+into shards of K samples: shard i holds positions i*K .. i*K+K-1 of the shuffled order, and a
+sample's key is its position, zero-padded. K is ``shard_samples`` or follows from ``shard_size`` and
+the encoded size of the first samples. A shard is thus a pure function of the plan and its index:
+the same bytes whichever process makes it, so ``workers`` processes per rank and any number of
+ranks (shard i is made by rank i % world size) write the dataset a single process writes.
+
+Commit protocol. Every name carries the plan's id, a digest of everything that determines the
+output (source fingerprint, seed, size, encoding, preprocessing, K). A shard is committed when its
+tar and then its record ``shard-<plan>-<i>.json`` are written (each write is atomic). A re-run of the
+same plan, after a kill -9 say, skips the committed shards and makes the others. When every shard
+is committed, rank 0 writes the manifest, the dataset's commit point, and only then deletes the
+records and the shards of other plans: readers see the old dataset or the new one, never a mix.
+Two prepares must not write to the same folder at the same time.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import logging
 import re
-import secrets
-import tarfile
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline.errors import DataError
-from data_pipeline.images import decode_rgb, encode_png, fit_square
-from data_pipeline.manifest import ShardInfo, write_manifest
+from data_pipeline.encodings import Encoding
+from data_pipeline.errors import DataError, ObjectNotFound
+from data_pipeline.images import Preprocess
+from data_pipeline.manifest import read_manifest, write_manifest
+from data_pipeline.shard_plan import MadeShard, Plan, ShardMaker, made_in_order, make_plan
+from data_pipeline.sources import Source, open_source
 from data_pipeline.storage import Store, open_store
 
 log = logging.getLogger("data_pipeline")
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
-SHARD_NAME = re.compile(r"^shard-[0-9a-z]+-\d{6}\.tar$")
-TAR_BLOCK = 512
+SHARD_NAME = re.compile(r"^shard-[0-9a-z]+-\d{6,}\.(tar|json)$")  # shards and records of any plan
+# what a killed atomic write to a local folder leaves behind (LocalStore writes ".<name>.<token>.tmp")
+KILLED_WRITE = re.compile(r"^\.(shard-[0-9a-z]+-\d{6,}\.(tar|json)|manifest\.parquet)\.[0-9a-f]+\.tmp$")
 MAX_PENDING_UPLOADS = 2
-WRITE_BUFFER_BYTES = 8 * 2**20
+RECORD_READ_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -56,12 +63,27 @@ class PrepareSummary:
     image_size: int
     num_skipped: int = 0
     num_removed_shards: int = 0
+    num_reused_shards: int = 0  # committed by an earlier, interrupted run of the same plan
+    already_prepared: bool = False  # the manifest at the URL is this very plan's: nothing was done
+    format: str = "png"
+    world_size: int = 1
+    workers: int = 1
 
     def __str__(self) -> str:
-        text = (
-            f"prepared {self.num_samples} samples ({self.num_classes} classes, {self.image_size}x{self.image_size}) "
-            f"in {self.num_shards} shards, {self.num_bytes / 2**20:.1f} MiB, at {self.url} in {self.seconds:.1f}s"
+        what = (
+            f"{self.num_samples} samples ({self.num_classes} classes, {self.image_size}x{self.image_size} "
+            f"{self.format}) in {self.num_shards} shards, {self.num_bytes / 2**20:.1f} MiB, at {self.url}"
         )
+        if self.already_prepared:
+            return f"already prepared: {what}"
+        text = f"prepared {what} in {self.seconds:.1f}s"
+        workers = f"{self.workers} worker{'s' if self.workers > 1 else ''}"
+        if self.world_size > 1:
+            text += f" ({self.world_size} ranks x {workers})"
+        elif self.workers > 1:
+            text += f" ({workers})"
+        if self.num_reused_shards:
+            text += f"; reused {self.num_reused_shards} shards committed by an interrupted run"
         if self.num_skipped:
             text += f"; skipped {self.num_skipped} unreadable source images"
         if self.num_removed_shards:
@@ -82,227 +104,134 @@ def parse_size(text: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Sources
+# Ranks
 
 
-@dataclass(frozen=True)
-class Source:
-    name: str
-    num_samples: int
-    num_classes: int
-    classes: list[str]
-    load: Callable[[int], tuple[Image.Image, int]]  # may raise on an unreadable source image
+class RankGroup(Protocol):
+    """The processes of one multi-node prepare (the launcher glue lives in ``launch/``)."""
+
+    rank: int
+    world_size: int
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value``, on every rank."""
+
+    def gather(self, value: Any) -> list[Any] | None:
+        """On rank 0, every rank's ``value`` in rank order; None on the other ranks."""
 
 
-def open_source(source: str, *, image_column: str = "image", label_column: str = "label") -> Source:
-    kind, _, argument = source.partition(":")
-    if kind == "fashion-mnist" and not argument:
-        return _fashion_mnist()
-    if kind == "digits" and not argument:
-        return _digits()
-    if kind == "imagefolder" and argument:
-        return _imagefolder(Path(argument).expanduser())
-    if kind == "parquet" and argument:
-        return _parquet(Path(argument).expanduser(), image_column, label_column)
-    raise DataError(f"unknown source {source!r}: use fashion-mnist, digits, imagefolder:DIR or parquet:FILE")
+class OneRank:
+    rank, world_size = 0, 1
+
+    def broadcast(self, value: Any) -> Any:
+        return value
+
+    def gather(self, value: Any) -> list[Any]:
+        return [value]
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    data = gzip.decompress(path.read_bytes())
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+def _on_rank0(ranks: RankGroup, compute: Callable[[], Any]) -> Any:
+    """``compute()`` on rank 0, its result on every rank; a DataError there is raised on every rank."""
+    result: Any = None
+    if ranks.rank == 0:
+        try:
+            result = compute()
+        except DataError as exc:
+            if ranks.world_size == 1:
+                raise
+            result = exc
+    result = ranks.broadcast(result)
+    if isinstance(result, DataError):
+        raise DataError(str(result))
+    return result
 
 
-def _fashion_mnist() -> Source:
-    images_path = FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz"
-    labels_path = FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz"
-    if not images_path.is_file() or not labels_path.is_file():
-        raise DataError(
-            f"Fashion-MNIST is not installed ({images_path} is missing): install Debian's dataset-fashion-mnist "
-            "(apt-get install dataset-fashion-mnist) or use --source digits"
-        )
+class _Committer:
+    """Uploads made shards and then their records, in a background thread, a bounded number at a time."""
+
+    def __init__(self, store: Store, plan: Plan):
+        self.store, self.plan = store, plan
+        self.uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-upload")
+        self.pending: deque[Future[None]] = deque()
+
+    def submit(self, made: MadeShard, path: Path) -> None:
+        while len(self.pending) >= MAX_PENDING_UPLOADS:
+            self.pending.popleft().result()
+        self.pending.append(self.uploader.submit(self.commit, made, path))
+
+    def commit(self, made: MadeShard, path: Path) -> None:
+        if made.info.num_samples:
+            self.store.upload_file(made.info.name, path)
+        self.store.write_bytes(self.plan.record_name(made.index), made.record())
+        path.unlink()
+
+    def finish(self) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.uploader.shutdown(wait=True, cancel_futures=True)
+
+
+def _make_rank_shards(
+    maker: ShardMaker, store: Store, todo: list[int], workers: int, progress: bool, desc: str
+) -> list[MadeShard]:
+    plan = maker.plan
+    made_here: list[MadeShard] = []
+    shards = made_in_order(maker, todo, workers)  # a generator: the worker pool starts at the first next()
+    committer: _Committer | None = None
+    bar = None
     try:
-        images, labels = _read_idx(images_path), _read_idx(labels_path)
-    except (OSError, EOFError, ValueError, IndexError) as exc:
-        raise DataError(f"cannot read Fashion-MNIST from {FASHION_MNIST_DIR}: {exc}") from None
-    padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))  # 28 -> 32 on its own black background
-
-    def load(i: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(padded[i], mode="L"), int(labels[i])
-
-    return Source("fashion-mnist", len(images), 10, FASHION_MNIST_CLASSES, load)
-
-
-def _digits() -> Source:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    labels = digits.target
-
-    def load(i: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(images[i], mode="L"), int(labels[i])
-
-    return Source("digits", len(images), 10, [str(c) for c in range(10)], load)
+        for made in shards:
+            if committer is None:  # threads start after the fork, so no worker inherits a held lock
+                committer = _Committer(store, plan)
+                bar = tqdm(
+                    total=sum(len(plan.positions(i)) for i in todo),
+                    desc=desc,
+                    unit="img",
+                    disable=not progress,
+                )
+            committer.submit(made, maker.workdir / made.info.name)
+            made_here.append(made)
+            bar.update(len(plan.positions(made.index)))
+    finally:
+        shards.close()  # stops the worker pool at once if a shard or an upload failed
+        if bar is not None:
+            bar.close()
+        if committer is not None:
+            committer.finish()
+    return made_here
 
 
-def _imagefolder(root: Path) -> Source:
-    if not root.is_dir():
-        raise DataError(
-            f"imagefolder source {str(root)!r} is not a directory: give DIR with one sub-folder per class"
-        )
-    extensions = {ext for ext, _ in Image.registered_extensions().items()}
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.is_file() and path.suffix.lower() in extensions
-    ]
-    if not files:
-        raise DataError(f"no images in {root}: expected one sub-folder per class holding image files")
+def _read_records(store: Store, plan: Plan) -> dict[int, MadeShard]:
+    """The shards of ``plan`` committed so far, by index."""
+    names = [n for n in store.list(f"shard-{plan.id}-") if n.endswith(".json")]
 
-    def load(i: int) -> tuple[Image.Image, int]:
-        path, label = files[i]
-        return decode_rgb(path.read_bytes()), label
+    def read(name: str) -> MadeShard | None:
+        try:
+            made = MadeShard.from_record(store.read_bytes(name))
+        except ObjectNotFound:
+            return None
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring the damaged record %s: its shard is made again", store.url_of(name))
+            return None
+        return made if name == plan.record_name(made.index) else None
 
-    return Source(f"imagefolder:{root}", len(files), len(classes), classes, load)
-
-
-def _parquet(path: Path, image_column: str, label_column: str) -> Source:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        names = pq.read_schema(path).names
-        missing = [c for c in (image_column, label_column) if c not in names]
-        if missing:
-            raise DataError(
-                f"{path} has no column {missing[0]!r} (columns: {', '.join(names)}): name it explicitly"
-            )
-        table = pq.ParquetFile(path).read(columns=[image_column, label_column], use_threads=False)
-    except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"cannot read parquet source {path}: {exc}") from None
-    images = table.column(image_column).combine_chunks()
-    if pa.types.is_struct(images.type) and images.type.get_field_index("bytes") >= 0:
-        images = images.field("bytes")  # the Hugging Face datasets layout {bytes, path}
-    if not (pa.types.is_binary(images.type) or pa.types.is_large_binary(images.type)):
-        raise DataError(f"column {image_column!r} of {path} holds {images.type}, not encoded image bytes")
-    labels_column = table.column(label_column)
-    if labels_column.null_count:
-        raise DataError(f"column {label_column!r} of {path} has {labels_column.null_count} missing labels")
-    if pa.types.is_integer(labels_column.type):
-        labels = labels_column.to_numpy().astype(np.int64)
-        if len(labels) and labels.min() < 0:
-            raise DataError(f"column {label_column!r} of {path} has negative labels: use 0..C-1")
-        num_classes = int(labels.max()) + 1 if len(labels) else 0
-        classes = [str(c) for c in range(num_classes)]
-    elif pa.types.is_string(labels_column.type) or pa.types.is_large_string(labels_column.type):
-        values = labels_column.to_pylist()
-        classes = sorted(set(values))
-        index = {name: i for i, name in enumerate(classes)}
-        labels = np.array([index[v] for v in values], dtype=np.int64)
-        num_classes = len(classes)
-    else:
-        raise DataError(
-            f"column {label_column!r} of {path} holds {labels_column.type}: labels must be integers"
-        )
-    if not len(labels):
-        raise DataError(f"{path} has no rows")
-
-    def load(i: int) -> tuple[Image.Image, int]:
-        data = images[i].as_py()
-        if data is None:
-            raise ValueError("no image bytes")
-        return decode_rgb(data), int(labels[i])
-
-    return Source(f"parquet:{path}", len(labels), num_classes, classes, load)
+    with ThreadPoolExecutor(RECORD_READ_THREADS, thread_name_prefix="record-read") as pool:
+        return {made.index: made for made in pool.map(read, names) if made is not None}
 
 
 # --------------------------------------------------------------------------------------------------
-# Shards
+# prepare
 
 
-def _member_bytes(size: int) -> int:
-    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+@dataclass(frozen=True)
+class _Setup:
+    """What rank 0 found out before the work starts, sent to every rank."""
 
-
-class _ShardWriter:
-    """Fills local tar files up to about ``shard_size`` bytes and uploads each one in the background."""
-
-    def __init__(self, store: Store, workdir: Path, run_id: str, shard_size: int, num_classes: int):
-        self.store, self.workdir, self.run_id = store, workdir, run_id
-        self.shard_size, self.num_classes = shard_size, num_classes
-        self.mtime = int(time.time())
-        self.uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-upload")
-        self.pending: list[Future[None]] = []
-        self.shards: list[ShardInfo] = []
-        self.tar: tarfile.TarFile | None = None
-        self.file: io.BufferedWriter | None = None
-        self.path = Path()
-        self.count = 0
-        self.bytes = 0
-        self.class_counts = [0] * num_classes
-
-    def add(self, key: str, png: bytes, label: int) -> None:
-        cls = str(label).encode()
-        size = _member_bytes(len(png)) + _member_bytes(len(cls))
-        if self.tar is not None and self.bytes + size + tarfile.RECORDSIZE > self.shard_size:
-            self.close_shard()
-        if self.tar is None:
-            self.path = self.workdir / f"shard-{self.run_id}-{len(self.shards):06d}.tar"
-            self.file = open(self.path, "wb", buffering=WRITE_BUFFER_BYTES)  # noqa: SIM115 - spans add() calls
-            self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-            self.count, self.bytes, self.class_counts = 0, 0, [0] * self.num_classes
-        for name, data in ((f"{key}.png", png), (f"{key}.cls", cls)):
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), self.mtime, 0o644
-            self.tar.addfile(info, io.BytesIO(data))
-        self.count += 1
-        self.bytes += size
-        self.class_counts[label] += 1
-
-    def close_shard(self) -> None:
-        assert self.tar is not None
-        self.tar.close()
-        self.file.close()
-        self.tar = None
-        data = self.path.read_bytes()
-        self.shards.append(
-            ShardInfo(
-                name=self.path.name,
-                num_samples=self.count,
-                num_bytes=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-                class_counts=tuple(self.class_counts),
-            )
-        )
-        while len(self.pending) >= MAX_PENDING_UPLOADS:
-            self.pending.pop(0).result()
-        self.pending.append(self.uploader.submit(self.upload, self.path))
-
-    def upload(self, path: Path) -> None:
-        self.store.upload_file(path.name, path)
-        path.unlink()
-
-    def abort(self) -> None:
-        """Stop without uploading the open shard; uploads already started finish (the next run removes them)."""
-        if self.tar is not None:
-            self.tar.close()
-            self.file.close()
-            self.tar = None
-        self.uploader.shutdown(wait=True, cancel_futures=True)
-
-    def finish(self) -> list[ShardInfo]:
-        if self.tar is not None:
-            self.close_shard()
-        try:
-            for future in self.pending:
-                future.result()
-        finally:
-            self.uploader.shutdown(wait=True, cancel_futures=True)
-        return self.shards
+    plan: Plan
+    committed: dict[int, MadeShard]
+    already_prepared: bool
 
 
 def prepare(
@@ -311,64 +240,134 @@ def prepare(
     *,
     image_size: int = 32,
     shard_size: int = 64 * 2**20,
+    shard_samples: int | None = None,
     seed: int = 0,
     image_column: str = "image",
     label_column: str = "label",
+    synsets: str | None = None,
+    format: str = "png",
+    quality: int | None = None,
+    crop: str = "center",
+    resize_filter: str = "lanczos",
+    workers: int = 1,
+    ranks: RankGroup | None = None,
     progress: bool = True,
 ) -> PrepareSummary:
-    """Write ``source`` as shuffled tar shards of about ``shard_size`` bytes plus a manifest to ``out``."""
+    """Write ``source`` as shuffled tar shards of about ``shard_size`` bytes (or ``shard_samples``
+    samples) plus a manifest to ``out``, with ``workers`` processes on each of ``ranks``."""
     started = time.perf_counter()
-    if image_size < 1:
-        raise DataError(f"image size must be positive, got {image_size}")
-    if shard_size < 1:
-        raise DataError(f"shard size must be positive, got {shard_size}")
+    ranks = ranks or OneRank()
+    for name, value in (("image size", image_size), ("shard size", shard_size), ("workers", workers)):
+        if value < 1:
+            raise DataError(f"{name} must be positive, got {value}")
+    if shard_samples is not None and shard_samples < 1:
+        raise DataError(f"shard samples must be positive, got {shard_samples}")
+    encoding, preprocess = Encoding(format, quality), Preprocess(crop, resize_filter)
     store = open_store(out)
     store.list("shard-")  # fails now, not after the work, on a missing bucket or bad credentials
-    src = open_source(source, image_column=image_column, label_column=label_column)
+    src = open_source(source, image_column=image_column, label_column=label_column, synsets=synsets)
     order = np.random.default_rng(seed).permutation(src.num_samples)
-    run_id = time.strftime("%Y%m%d%H%M%S") + secrets.token_hex(3)
-    width = max(6, len(str(src.num_samples - 1)))
 
-    skipped = written = 0
-    with tempfile.TemporaryDirectory(prefix="sagan-prepare-") as workdir:
-        writer = _ShardWriter(store, Path(workdir), run_id, shard_size, src.num_classes)
-        try:
-            for index in tqdm(
-                order, desc=f"prepare {src.name}", unit="img", disable=not progress, leave=False
-            ):
-                try:
-                    image, label = src.load(int(index))
-                    png = encode_png(fit_square(image, image_size))
-                except Exception as exc:  # a broken source file is reported, not fatal
-                    skipped += 1
-                    log.warning("skipping unreadable source image %d of %s: %s", index, src.name, exc)
-                    continue
-                if not 0 <= label < src.num_classes:
-                    raise DataError(
-                        f"label {label} of source image {index} is outside 0..{src.num_classes - 1}"
-                    )
-                writer.add(f"{written:0{width}d}", png, label)
-                written += 1
-        except BaseException:
-            writer.abort()
-            raise
-        shards = writer.finish()
-    if not shards:
-        raise DataError(f"no readable images in source {source!r}")
-    write_manifest(
-        out, shards, image_size=image_size, num_classes=src.num_classes, source=src.name, classes=src.classes
+    def plan_and_look() -> _Setup:
+        plan = make_plan(
+            src, order, seed=seed, image_size=image_size, encoding=encoding, preprocess=preprocess,
+            shard_size=shard_size, shard_samples=shard_samples,
+        )  # fmt: skip
+        if _manifest_plan(out) == plan.id:
+            return _Setup(plan, {}, already_prepared=True)
+        return _Setup(plan, _read_records(store, plan), already_prepared=False)
+
+    setup: _Setup = _on_rank0(ranks, plan_and_look)
+    if src.fingerprint != setup.plan.fingerprint:
+        raise DataError(
+            f"rank {ranks.rank} reads another {source} than rank 0 (fingerprint {src.fingerprint}, rank 0 "
+            f"{setup.plan.fingerprint}): every rank must see the same files"
+        )
+    made_here = (
+        [] if setup.already_prepared else _make_my_shards(src, order, store, setup, ranks, workers, progress)
     )
+    gathered = ranks.gather(made_here)
+    summary: PrepareSummary = _on_rank0(ranks, lambda: _commit(src, out, store, setup, gathered or []))
+    return replace(
+        summary, seconds=time.perf_counter() - started, world_size=ranks.world_size, workers=workers
+    )
+
+
+def _make_my_shards(
+    src: Source,
+    order: np.ndarray,
+    store: Store,
+    setup: _Setup,
+    ranks: RankGroup,
+    workers: int,
+    progress: bool,
+) -> list[MadeShard]:
+    """This rank's shards not committed before: i = rank (mod world size)."""
+    plan = setup.plan
+    todo = [
+        i for i in range(plan.num_shards) if i % ranks.world_size == ranks.rank and i not in setup.committed
+    ]
+    if ranks.rank == 0:
+        log.info(
+            "plan %s: %d samples in %d shards of %d, %d committed before", plan.id, plan.num_samples,
+            plan.num_shards, plan.shard_samples, len(setup.committed),
+        )  # fmt: skip
+    desc = f"prepare {src.name}" + (f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else "")
+    with tempfile.TemporaryDirectory(prefix="sagan-prepare-") as workdir:
+        maker = ShardMaker(src, order, plan, Path(workdir))
+        return _make_rank_shards(maker, store, todo, workers, progress and ranks.rank == 0, desc)
+
+
+def _commit(
+    src: Source, out: str, store: Store, setup: _Setup, gathered: list[list[MadeShard]]
+) -> PrepareSummary:
+    """On rank 0, once every rank is done: the manifest (unless already there), then the clean-up."""
+    plan = setup.plan
+    made = {m.index: m for m in [*setup.committed.values(), *(m for part in gathered for m in part)]}
+    if setup.already_prepared:
+        shards = read_manifest(out).shards
+    else:
+        missing = [i for i in range(plan.num_shards) if i not in made]
+        if missing:
+            raise DataError(f"{len(missing)} shards of plan {plan.id} were not made (first: {missing[0]})")
+        shards = [made[i].info for i in range(plan.num_shards) if made[i].info.num_samples]
+        if not shards:
+            raise DataError(f"no readable images in source {src.name!r}")
+        present = set(store.list(f"shard-{plan.id}-"))
+        absent = [s.name for s in shards if s.name not in present]
+        if absent:
+            raise DataError(
+                f"{len(absent)} shards the ranks made are not at {store.url} (first: {absent[0]}): with a local "
+                "--out, every rank must write to the same shared folder"
+            )
+        write_manifest(
+            out, shards, image_size=plan.image_size, num_classes=src.num_classes, source=src.name,
+            classes=src.classes, encoding=plan.encoding, preprocess=plan.preprocess.to_metadata(), plan=plan.id,
+            class_descriptions=src.class_descriptions,
+        )  # fmt: skip
     keep = {s.name for s in shards}
     stale = [name for name in store.list("shard-") if SHARD_NAME.match(name) and name not in keep]
     store.delete(stale)
+    store.delete(name for name in store.list(".") if KILLED_WRITE.match(name))
     return PrepareSummary(
         url=store.url,
         num_shards=len(shards),
         num_samples=sum(s.num_samples for s in shards),
         num_bytes=sum(s.num_bytes for s in shards),
-        seconds=time.perf_counter() - started,
+        seconds=0.0,
         num_classes=src.num_classes,
-        image_size=image_size,
-        num_skipped=skipped,
-        num_removed_shards=len(stale),
+        image_size=plan.image_size,
+        num_skipped=sum(m.num_skipped for m in made.values()),
+        num_removed_shards=sum(1 for name in stale if name.endswith(".tar") and plan.id not in name),
+        num_reused_shards=len(setup.committed),
+        already_prepared=setup.already_prepared,
+        format=plan.encoding.format,
     )
+
+
+def _manifest_plan(out: str) -> str:
+    """The plan id of the dataset committed at ``out``, or "" (none, unreadable, or written before plans)."""
+    try:
+        return read_manifest(out).plan
+    except DataError:
+        return ""

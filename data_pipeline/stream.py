@@ -28,18 +28,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline import shards
+from data_pipeline.encodings import decode_pixels
 from data_pipeline.errors import DataError, ObjectNotFound
-from data_pipeline.images import RESAMPLE, decode_rgb, fit_square, to_array
+from data_pipeline.gpu_jpeg import DECODE_DEVICES, GpuJpegDecoder, gpu_jpeg_decoder, header_fits
+from data_pipeline.images import Preprocess, to_array
 from data_pipeline.manifest import Manifest, read_manifest
 from data_pipeline.storage import Store, open_store
 
 log = logging.getLogger("data_pipeline")
 
 STATE_FORMAT = 1
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "npy", "bmp", "ppm", "tif", "tiff")
 SHARD_READ_THREADS = 4
 PREPARE_WAIT_SECONDS = 3600.0
 PREPARE_POLL_SECONDS = 2.0
@@ -60,6 +63,7 @@ class DataConfig:
     max_retries: int = 6
     prefetch_factor: int = 2
     retry_backoff_seconds: float = 0.5  # first S3 retry waits about this long, doubling each time
+    decode_device: str = "cpu"  # cpu | cuda: JPEG shards decoded on the GPU by torchvision (else the CPU)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,15 +207,28 @@ class Segment:
 # Reading batches (runs in DataLoader workers)
 
 Encoded = dict[str, bytes] | str  # a sample's files by extension, or the reason it is missing
-Sample = tuple[np.ndarray | None, int, str]  # (CHW uint8 image, label, "" or the reason it was skipped)
+# (CHW uint8 image, or JPEG bytes left for the GPU to decode; label; "" or the reason it was skipped)
+Sample = tuple[np.ndarray | bytes | None, int, str]
 
 
 class _BatchReader:
     """Turns lists of positions into batches: loads the blocks a worker's run touches (the encoded
     samples it needs), decodes batch by batch, fills skipped slots with valid samples of the batch."""
 
-    def __init__(self, manifest: Manifest, cfg: DataConfig, *, seed: int, block_shards: int, resolution: int):
+    def __init__(
+        self,
+        manifest: Manifest,
+        cfg: DataConfig,
+        *,
+        seed: int,
+        block_shards: int,
+        resolution: int,
+        leave_jpeg_encoded: bool = False,
+    ):
         self.manifest = manifest
+        self.image_extension = manifest.image_extension
+        self.preprocess = Preprocess(**manifest.preprocess)  # how the dataset was made, for any resize here
+        self.leave_jpeg_encoded = leave_jpeg_encoded
         self.seed = seed
         self.block_shards = block_shards
         self.resolution = resolution
@@ -286,7 +303,9 @@ class _BatchReader:
                 for key in touched[t]:
                     if key in pending:
                         ready[key] = {g: e for future in pending.pop(key) for g, e in future.result().items()}
-                images, labels, skipped = self.assemble(index, samples[t], [ready[key] for key in touched[t]])
+                images, jpeg, labels, skipped = self.assemble(
+                    index, samples[t], [ready[key] for key in touched[t]]
+                )
                 for key in touched[t]:
                     if last_use[key] == t:
                         del ready[key]
@@ -294,6 +313,7 @@ class _BatchReader:
                 yield {
                     "index": index,
                     "images": images,
+                    "jpeg": jpeg,
                     "labels": labels,
                     "skipped": skipped,
                     "s3_retries": retries_now - retries_seen,
@@ -359,12 +379,10 @@ class _BatchReader:
     def decode(self, encoded: Encoded) -> Sample:
         if isinstance(encoded, str):
             return None, 0, encoded
-        data = next((encoded[ext] for ext in IMAGE_EXTENSIONS if ext in encoded), None)
-        if data is None:
-            return None, 0, "decode"
-        try:
-            image = decode_rgb(data)
-        except Exception:  # Pillow raises many types for bad bytes
+        extension = self.image_extension
+        if extension not in encoded:
+            extension = next((ext for ext in IMAGE_EXTENSIONS if ext in encoded), "")
+        if not extension:
             return None, 0, "decode"
         try:
             label = int(encoded["cls"].decode("ascii").strip())
@@ -373,17 +391,25 @@ class _BatchReader:
         if not 0 <= label < self.manifest.num_classes:
             return None, 0, "label"
         size = self.manifest.image_size
-        if image.size != (size, size):
+        data = encoded[extension]
+        if self.leave_jpeg_encoded and extension == "jpg" and header_fits(data, size):
+            return data, label, ""
+        try:
+            pixels = decode_pixels(data, extension, size)
+        except Exception:  # Pillow raises many types for bad bytes
+            return None, 0, "decode"
+        if pixels.shape[:2] != (size, size):
             if self.reject_wrong_size:
                 return None, 0, "size"
-            image = fit_square(image, self.resolution)
+            pixels = to_array(self.preprocess.apply(Image.fromarray(pixels), self.resolution))
         elif size != self.resolution:
-            image = image.resize((self.resolution, self.resolution), RESAMPLE)
-        return to_array(image).transpose(2, 0, 1), label, ""
+            pixels = to_array(self.preprocess.apply(Image.fromarray(pixels), self.resolution))
+        return pixels.transpose(2, 0, 1), label, ""
 
     def assemble(
         self, index: int, samples: np.ndarray, blocks: list[dict[int, Encoded]]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    ) -> tuple[torch.Tensor, list[tuple[int, bytes]], torch.Tensor, dict[str, int]]:
+        """The batch's images (JPEG slots left for the GPU listed apart), labels, and skips by reason."""
         r = self.resolution
         images = np.empty((len(samples), 3, r, r), dtype=np.uint8)
         labels = np.empty(len(samples), dtype=np.int64)
@@ -404,12 +430,17 @@ class _BatchReader:
                 f"batch {index} has no valid sample: every sample from {', '.join(urls[:3])} was skipped"
             )
         skipped: Counter[str] = Counter()
+        jpeg: list[tuple[int, bytes]] = []
         for i, (image, label, reason) in enumerate(results):
             if reason:
                 skipped[reason] += 1
                 image, label, _ = results[valid[i % len(valid)]]
-            images[i], labels[i] = image, label
-        return torch.from_numpy(images), torch.from_numpy(labels), dict(skipped)
+            if isinstance(image, bytes):
+                jpeg.append((i, image))
+            else:
+                images[i] = image
+            labels[i] = label
+        return torch.from_numpy(images), jpeg, torch.from_numpy(labels), dict(skipped)
 
     def shard_of(self, sample: int) -> int:
         return int(np.searchsorted(self.shard_starts, sample, side="right")) - 1
@@ -458,6 +489,12 @@ class ShardStream:
         self.skipped: Counter[str] = Counter()
         self.s3_retries = 0
         self.s3_read_bytes = 0
+        self._gpu_jpeg: GpuJpegDecoder | None = gpu_jpeg_decoder(
+            cfg.decode_device,
+            image_format=self.manifest.encoding.format,
+            image_size=self.manifest.image_size,
+            resolution=resolution,
+        )
         self._reader = self._make_reader()
         self.epoch = 0
         self._start_segment([(0, 0, self.manifest.num_samples)])
@@ -495,6 +532,7 @@ class ShardStream:
             seed=self.seed,
             block_shards=self.block_shards,
             resolution=self.resolution,
+            leave_jpeg_encoded=self._gpu_jpeg is not None,
         )
 
     def _start_segment(self, intervals: list[Interval], *, wrap_step: bool = False) -> None:
@@ -552,18 +590,35 @@ class ShardStream:
                     raise RuntimeError(
                         f"data stream out of order: got batch {item['index']}, wanted {self.consumed}"
                     )
+                images = item["images"]
+                if self._gpu_jpeg is not None:
+                    images = self._decode_jpeg_on_gpu(images, item["jpeg"])
                 self.consumed += 1
                 self.skipped.update(item["skipped"])
                 self.s3_retries += item["s3_retries"]
                 self.s3_read_bytes += item["s3_read_bytes"]
                 if self.consumed == segment.steps:
                     self._next_segment()  # now, so that state_dict() at a segment's end points past it
-                yield item["images"], item["labels"]
+                yield images, item["labels"]
                 if self.segment is not segment:
                     break
             else:
                 if self.segment is segment:
                     raise RuntimeError(f"data loader stopped at batch {self.consumed} of {segment.steps}")
+
+    def _decode_jpeg_on_gpu(self, images: torch.Tensor, jpeg: list[tuple[int, bytes]]) -> torch.Tensor:
+        """The batch on the GPU; a slot whose JPEG would not decode gets a copy of a valid sample."""
+        assert self._gpu_jpeg is not None
+        images, failed = self._gpu_jpeg.decode(images, jpeg)
+        if failed:
+            bad = set(failed)
+            valid = [i for i in range(len(images)) if i not in bad]
+            if not valid:
+                raise DataError(f"a batch from {self.cfg.url} has no decodable image")
+            for k, slot in enumerate(failed):
+                images[slot] = images[valid[k % len(valid)]]
+            self.skipped["decode"] += len(failed)
+        return images
 
     def counters(self) -> dict[str, Any]:
         """Cumulative skipped samples by reason, S3 retries and S3 bytes read by this rank (workers included)."""
@@ -637,7 +692,11 @@ def _ignore_sigterm(worker_id: int) -> None:
 
 
 def _check_config(cfg: DataConfig) -> None:
-    choices = {"remainder": ("drop", "wrap"), "wrong_size": ("resize", "reject")}
+    choices = {
+        "remainder": ("drop", "wrap"),
+        "wrong_size": ("resize", "reject"),
+        "decode_device": DECODE_DEVICES,
+    }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise DataError(f"data.{key} must be {' or '.join(allowed)}, got {getattr(cfg, key)!r}")

@@ -27,18 +27,41 @@ def _report(command: str, err: BaseException) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from data_pipeline.prepare import parse_size, prepare
+    from launch.prepare_ranks import COLLECTIVE_TIMEOUT_SECONDS, prepare_ranks
+    from trainer.distributed import init_runtime, shutdown
 
-    summary = prepare(
-        args.source,
-        args.out,
-        image_size=args.image_size,
-        shard_size=parse_size(args.shard_size),
-        seed=args.seed,
-        image_column=args.image_column,
-        label_column=args.label_column,
-    )
-    print(summary)
-    return 0
+    shard_size = parse_size(args.shard_size)  # bad input fails before any rank waits for another
+    runtime = init_runtime("cpu", COLLECTIVE_TIMEOUT_SECONDS)
+    exit_code = 1
+    try:
+        summary = prepare(
+            args.source,
+            args.out,
+            image_size=args.image_size,
+            shard_size=shard_size,
+            shard_samples=args.shard_samples,
+            seed=args.seed,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            synsets=args.synsets,
+            format=args.format,
+            quality=args.quality,
+            crop=args.crop,
+            resize_filter=args.resize_filter,
+            workers=args.workers,
+            ranks=prepare_ranks(runtime),
+            progress=runtime.is_main,
+        )
+        if runtime.is_main:
+            print(summary, flush=True)
+        exit_code = 0
+    except USER_ERRORS as err:
+        exit_code = _report("prepare", err)
+    except Exception:
+        log.exception("rank %d failed", runtime.rank)  # said before shutdown, which may end the process
+    finally:
+        shutdown(runtime, exit_code)
+    return exit_code
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -91,12 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="turn images into WebDataset shards and a manifest")
+    p = sub.add_parser(
+        "prepare",
+        help="turn images into WebDataset shards and a manifest",
+        description="Under mpiexec, torchrun or srun the ranks share the work; a re-run of an interrupted "
+        "prepare with the same arguments keeps the shards it committed.",
+    )
     p.add_argument("--source", required=True, help="fashion-mnist | digits | imagefolder:DIR | parquet:FILE")
     p.add_argument("--out", required=True, help="a local folder or s3://bucket/prefix")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--shard-size", default="64MB", help="target bytes per shard, e.g. 64MB")
+    p.add_argument(
+        "--shard-samples", type=int, default=None, help="samples per shard (instead of --shard-size)"
+    )
     p.add_argument("--seed", type=int, default=0, help="the shuffle before sharding")
+    p.add_argument(
+        "--format", default="png", choices=["png", "jpeg", "webp", "raw"], help="how images are stored"
+    )
+    p.add_argument("--quality", type=int, default=None, help="jpeg and webp: 1..100 (default 90)")
+    p.add_argument("--crop", default="center", choices=["center", "none"], help="center: the centred square")
+    p.add_argument(
+        "--resize-filter",
+        default="lanczos",
+        choices=["lanczos", "bicubic", "bilinear", "hamming", "box", "nearest"],
+        help="Pillow's filter for the resize after the crop",
+    )
+    p.add_argument(
+        "--synsets",
+        default=None,
+        help="imagefolder: a synset mapping file (class i = line i, ImageNet order)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="processes per rank that decode and encode")
     p.add_argument("--image-column", default="image", help="parquet sources: the image-bytes column")
     p.add_argument("--label-column", default="label", help="parquet sources: the integer label column")
     p.set_defaults(run=_prepare)

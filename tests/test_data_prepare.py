@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_pipeline import prepare as prepare_module
+from data_pipeline import sources as sources_module
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import read_manifest
 from data_pipeline.prepare import open_source, parse_size, prepare
@@ -180,7 +180,7 @@ def test_fashion_mnist_source_is_padded_to_32_on_black():
 
 
 def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_module, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr(sources_module, "FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(DataError, match=r"apt-get install dataset-fashion-mnist\) or use --source digits"):
         prepare("fashion-mnist", str(tmp_path / "out"), progress=False)
 
