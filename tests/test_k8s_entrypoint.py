@@ -67,10 +67,13 @@ def test_the_pod_entry_point_trains_stops_on_sigterm_with_a_checkpoint_and_resum
 ):
     objects = kustomize(K8S / "overlays" / "dev")
     (job,) = [o for o in objects if o["kind"] == "PyTorchJob"]
-    (config_map,) = [
-        o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "sagan-config"
-    ]
     pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "config"]
+    (config_map,) = [
+        o
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"] == volume["configMap"]["name"]
+    ]
     (container,) = pod["containers"]
     config = tmp_path / "etc" / "config.yaml"
     config.parent.mkdir()
