@@ -42,7 +42,7 @@ class RunLog:
         first, last = self.rows[0]["step"], self.rows[-1]["step"]
         name = f"{LOG_FOLDER}/part-{first:09d}-{last:09d}.parquet"
         buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(self.rows), buffer)
+        pq.write_table(_table(self.rows), buffer)
         self.store.write_bytes(name, buffer.getvalue())
         self.rows = []
         return self.store.url_of(name)
@@ -59,6 +59,12 @@ def read_run_log(run_url: str | Store) -> pa.Table:
         table = pq.ParquetFile(io.BytesIO(store.read_bytes(part))).read(
             use_threads=False
         )  # apache/arrow#34314
-        for row in table.to_pylist():
-            rows[row["step"]] = row
-    return pa.Table.from_pylist([rows[s] for s in sorted(rows)])
+        for row in table.to_pylist():  # rows of one step (training, evaluation) merge; later values win
+            rows.setdefault(row["step"], {}).update({k: v for k, v in row.items() if v is not None})
+    return _table([rows[s] for s in sorted(rows)])
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    """Rows with different keys (evaluation rows add columns) as one table, missing values null."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
