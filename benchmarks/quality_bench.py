@@ -1,11 +1,17 @@
 """The quality bar: train the default conditional SAGAN for a fixed step budget, with and without attention.
 
-    .venv/bin/python benchmarks/quality_bench.py --phase train --steps 500       # the two trainings, in turn
-    .venv/bin/python benchmarks/quality_bench.py --phase evaluate                 # G and G-EMA of each
+    .venv/bin/python benchmarks/quality_bench.py --phase train --steps 1500      # the two trainings, in turn
+    .venv/bin/python benchmarks/quality_bench.py --phase evaluate --num-samples 10000
 
 Training runs `sagan train` (the default config) once per variant in its own run folder under
 --root, one after the other, and records wall time and `uptime` load beside each run
 (``bench.json``). A run that already reached the budget is not trained again.
+
+Evaluation takes the newest checkpoint step that every variant has (so a cut-short training is
+still compared at equal steps) and scores G and G-EMA with the dataset classifier against the
+Fashion-MNIST test split (prepared with ``sagan prepare --source fashion-mnist:test`` if missing):
+classifier-FID, KID, class accuracy of the samples; beside them the floor (the same number of real
+training images against the test split) and the classifier's accuracy on the real test images.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 VARIANTS = {
@@ -28,7 +36,9 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def train(variant: str, steps: int, root: Path, data_url: str, timeout: float, checkpoint_interval: int) -> dict:
+def train(
+    variant: str, steps: int, root: Path, data_url: str, timeout: float, checkpoint_interval: int
+) -> dict:
     run_dir = root / variant
     record_path = run_dir / "bench.json"
     if record_path.exists():
@@ -68,19 +78,99 @@ def train(variant: str, steps: int, root: Path, data_url: str, timeout: float, c
     return record
 
 
+def committed_steps(run_dir: Path) -> list[int]:
+    folder = run_dir / "checkpoints"
+    return sorted(int(p.name[5:]) for p in folder.glob("step_*") if (p / "manifest.json").is_file())
+
+
+def wall_seconds_to(run_dir: Path, step: int) -> float | None:
+    """From the first line `sagan train` logged to the run-log row of ``step``."""
+    from trainer.run_log import read_run_log
+
+    stamp = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)", (run_dir / "train.log").read_text(), re.M)
+    rows = {row["step"]: row for row in read_run_log(str(run_dir)).to_pylist()}
+    if stamp is None or step not in rows:
+        return None
+    started = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return rows[step]["time"] - started
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from launch.cli import main as sagan
+
+    root, variants = args.root.resolve(), args.variants.split(",")
+    if not Path(args.test_data).joinpath("manifest.parquet").exists():
+        assert sagan(["prepare", "--source", "fashion-mnist:test", "--out", args.test_data]) == 0
+    common = set.intersection(*(set(committed_steps(root / v)) for v in variants))
+    if not common:
+        raise SystemExit(f"no checkpoint step common to {variants} under {root}")
+    step = max(common)
+    shared = [
+        "--reference",
+        args.test_data,
+        "--num-samples",
+        str(args.num_samples),
+        "--metrics",
+        "fid,kid,accuracy",
+    ]
+    rows = []
+    for variant in variants:
+        out = root / variant / f"quality-step_{step}.json"
+        folder = root / variant / "checkpoints" / f"step_{step}"
+        assert (
+            sagan(["eval", "--checkpoint", str(folder), "--generator", "both", *shared, "--out", str(out)])
+            == 0
+        )
+        wall = wall_seconds_to(root / variant, step)
+        for result in json.loads(out.read_text()):
+            rows.append((variant, result, wall))
+    floor_out = root / f"floor-{args.num_samples}.json"
+    assert sagan(["eval", "--data", args.data, *shared, "--out", str(floor_out)]) == 0
+    floor = json.loads(floor_out.read_text())[0]
+    print(f"\nstep {step}, {args.num_samples} samples, load {load_average()}")
+    print(
+        "| variant | net | classifier-FID | floor | KID ×1e3 | sample accuracy | real-test accuracy | wall to step |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for variant, r, wall in rows:
+        m = r["metrics"]
+        print(
+            f"| {variant} | {r['name']} | {m['fid']:.2f} | {floor['metrics']['fid']:.2f} | "
+            f"{1e3 * m['kid']:.2f} ± {1e3 * m['kid_std']:.2f} | {100 * m['accuracy']:.1f}% | "
+            f"{100 * r['classifier_accuracy']:.1f}% | {'' if wall is None else f'{wall / 60:.0f} min'} |"
+        )
+    print(
+        f"floor: real training images vs test: FID {floor['metrics']['fid']:.2f}, KID ×1e3 "
+        f"{1e3 * floor['metrics']['kid']:.2f}, accuracy {100 * floor['metrics']['accuracy']:.1f}%"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=("train", "evaluate", "all"), default="all")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--root", type=Path, default=Path("runs/quality"))
     parser.add_argument("--data", default="data/fashion-mnist-32")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: attention,no-attention")
-    parser.add_argument("--checkpoint-interval", type=int, default=200)
+    parser.add_argument("--test-data", default="data/fashion-mnist-32-test")
+    parser.add_argument("--num-samples", type=int, default=10000)
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated: attention,no-attention"
+    )
+    parser.add_argument("--checkpoint-interval", type=int, default=250)
     parser.add_argument("--train-timeout", type=float, default=2.5 * 3600, help="seconds per training")
     args = parser.parse_args()
     if args.phase in ("train", "all"):
         for variant in args.variants.split(","):
-            train(variant, args.steps, args.root.resolve(), args.data, args.train_timeout, args.checkpoint_interval)
+            train(
+                variant,
+                args.steps,
+                args.root.resolve(),
+                args.data,
+                args.train_timeout,
+                args.checkpoint_interval,
+            )
+    if args.phase in ("evaluate", "all"):
+        evaluate(args)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,9 @@ def open_source(source: str, *, image_column: str = "image", label_column: str =
         return _imagefolder(Path(argument).expanduser())
     if kind == "parquet" and argument:
         return _parquet(Path(argument).expanduser(), image_column, label_column)
-    raise DataError(f"unknown source {source!r}: use fashion-mnist[:test], digits, imagefolder:DIR or parquet:FILE")
+    raise DataError(
+        f"unknown source {source!r}: use fashion-mnist[:test], digits, imagefolder:DIR or parquet:FILE"
+    )
 
 
 def _read_idx(path: Path) -> np.ndarray:
