@@ -435,3 +435,18 @@ def test_sagan_eval_train_classifier_reports_held_out_accuracy(digits, tmp_path,
     out = capsys.readouterr().out
     assert "on 240 held-out images (test split" in out
     assert (data / "eval" / f"classifier-{dataset_hash(str(data))}.pt").is_file()
+
+
+def test_run_log_keeps_the_training_and_evaluation_rows_of_one_step(tmp_path):
+    from trainer.run_log import RunLog, read_run_log
+
+    log = RunLog(str(tmp_path))
+    log.append({"step": 2, "time": 1.0, "loss_d": 0.5})  # the first row is written at once
+    log.append({"step": 2, "time": 1.5, "eval_fid": 3.0})
+    log.flush()  # the same step again: a part of its own, not an overwrite
+    log.append({"step": 4, "time": 2.0, "loss_d": 0.4})
+    log.flush()
+    assert read_run_log(str(tmp_path)).to_pylist() == [
+        {"step": 2, "time": 1.5, "loss_d": 0.5, "eval_fid": 3.0},
+        {"step": 4, "time": 2.0, "loss_d": 0.4, "eval_fid": None},
+    ]
