@@ -41,7 +41,13 @@ from trainer.reference import dataset_hash, real_features
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["eval.num_samples=64", "eval.num_reference=0", "eval.classifier_epochs=2", "eval.classifier_width=4"]
+TINY = [
+    "eval.metrics=[fid,kid,is,accuracy]",
+    "eval.num_samples=64",
+    "eval.num_reference=0",
+    "eval.classifier_epochs=2",
+    "eval.classifier_width=4",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,7 +399,7 @@ def test_sagan_eval_prints_a_table_and_writes_json(digits, tmp_path, capsys):
     run = tmp_path / "run"
     assert (
         main(["train", "--config", str(REPO / "configs" / "smoke.yaml"), f"data.url={digits}", f"run.dir={run}",
-              "trainer.max_steps=2", "trainer.global_batch_size=8", "eval.metrics=[]", *TINY])
+              "trainer.max_steps=2", "trainer.global_batch_size=8", *TINY, "eval.metrics=[]"])
         == 0
     )  # fmt: skip
     assert not (run / "eval").exists()  # eval.metrics=[]: no evaluation during training
