@@ -456,3 +456,14 @@ def test_run_log_keeps_the_training_and_evaluation_rows_of_one_step(tmp_path):
         {"step": 2, "time": 1.5, "loss_d": 0.5, "eval_fid": 3.0},
         {"step": 4, "time": 2.0, "loss_d": 0.4, "eval_fid": None},
     ]
+
+
+def test_the_fashion_mnist_test_split_is_a_source():
+    from data_pipeline.prepare import FASHION_MNIST_DIR, open_source
+
+    if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    test = open_source("fashion-mnist:test")
+    assert (test.name, test.num_samples, test.num_classes) == ("fashion-mnist:test", 10000, 10)
+    image, label = test.load(0)
+    assert image.size == (32, 32) and 0 <= label < 10
