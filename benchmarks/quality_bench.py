@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 VARIANTS = {
@@ -84,15 +82,40 @@ def committed_steps(run_dir: Path) -> list[int]:
 
 
 def wall_seconds_to(run_dir: Path, step: int) -> float | None:
-    """From the first line `sagan train` logged to the run-log row of ``step``."""
+    """Training wall time to ``step`` from the run log's timestamps (the steps before its first row at the
+    pace of its first two rows)."""
     from trainer.run_log import read_run_log
 
-    stamp = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)", (run_dir / "train.log").read_text(), re.M)
-    rows = {row["step"]: row for row in read_run_log(str(run_dir)).to_pylist()}
-    if stamp is None or step not in rows:
+    rows = [r for r in read_run_log(str(run_dir)).to_pylist() if r.get("loss_d") is not None]
+    times = {r["step"]: r["time"] for r in rows}
+    if len(rows) < 2 or step not in times:
         return None
-    started = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    return rows[step]["time"] - started
+    (s0, t0), (s1, t1) = sorted(times.items())[:2]
+    return times[step] - t0 + s0 * (t1 - t0) / (s1 - s0)
+
+
+def save_grids(run_dir: Path, step: int) -> list[Path]:
+    """G-EMA's and G's grids of one checkpoint, the trainer's fixed noise, one row per class."""
+    import torch
+
+    from models.sagan import build_models
+    from trainer import samples
+    from trainer.checkpoint import load_folder
+    from trainer.config import from_dict
+
+    state, manifest = load_folder(run_dir / "checkpoints" / f"step_{step}")
+    cfg = from_dict(manifest["config"])
+    rows = samples.grid_classes(manifest["num_classes"])
+    z, y = samples.fixed_inputs(
+        cfg.model.z_dim, rows, cfg.trainer.sample_columns, cfg.trainer.seed, torch.device("cpu")
+    )
+    paths = []
+    for label, weights in (("g-ema", state["G_ema"]), ("g", state["backend"]["G"])):
+        G, _ = build_models(cfg.model, manifest["num_classes"])
+        G.load_state_dict(weights)
+        path = run_dir / f"grid-step_{step}-{label}.png"
+        paths.append(samples.save_grid(samples.draw(G, z, y), path, cfg.trainer.sample_columns))
+    return paths
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -122,6 +145,7 @@ def evaluate(args: argparse.Namespace) -> None:
             == 0
         )
         wall = wall_seconds_to(root / variant, step)
+        print("grids:", *save_grids(root / variant, step))
         for result in json.loads(out.read_text()):
             rows.append((variant, result, wall))
     floor_out = root / f"floor-{args.num_samples}.json"
