@@ -79,7 +79,7 @@ class EvalConfig:
         for key in ("interval_steps", "num_reference", "seed"):
             if getattr(self, key) < 0:
                 raise ValueError(f"eval.{key}={getattr(self, key)!r} must not be negative")
-        if self.extractor == "inception" and not self.inception_weights and "fid" in self.metrics:
+        if self.extractor == "inception" and not self.inception_weights and set(self.metrics) - {"accuracy"}:
             raise ValueError(
                 "eval.extractor=inception needs eval.inception_weights: the path of "
                 "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)"
