@@ -48,15 +48,17 @@ def open_source(
     kind, _, argument = source.partition(":")
     if synsets and kind != "imagefolder":
         raise DataError(f"a synset mapping file applies to imagefolder sources, not to {source!r}")
-    if kind == "fashion-mnist" and not argument:
-        return _fashion_mnist()
+    if kind == "fashion-mnist" and argument in ("", "train", "test"):
+        return _fashion_mnist(argument or "train")
     if kind == "digits" and not argument:
         return _digits()
     if kind == "imagefolder" and argument:
         return _imagefolder(Path(argument).expanduser(), Path(synsets).expanduser() if synsets else None)
     if kind == "parquet" and argument:
         return _parquet(Path(argument).expanduser(), image_column, label_column)
-    raise DataError(f"unknown source {source!r}: use fashion-mnist, digits, imagefolder:DIR or parquet:FILE")
+    raise DataError(
+        f"unknown source {source!r}: use fashion-mnist[:test], digits, imagefolder:DIR or parquet:FILE"
+    )
 
 
 def _digest(*parts: object) -> str:
@@ -70,9 +72,11 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _fashion_mnist() -> Source:
-    images_path = FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz"
-    labels_path = FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz"
+def _fashion_mnist(split: str) -> Source:
+    """The 60,000 training images, or with ``fashion-mnist:test`` the 10,000 test images (for evaluation)."""
+    prefix = "train" if split == "train" else "t10k"
+    images_path = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
     if not images_path.is_file() or not labels_path.is_file():
         raise DataError(
             f"Fashion-MNIST is not installed ({images_path} is missing): install Debian's dataset-fashion-mnist "
@@ -87,8 +91,9 @@ def _fashion_mnist() -> Source:
     def load(i: int) -> tuple[Image.Image, int]:
         return Image.fromarray(padded[i], mode="L"), int(labels[i])
 
-    fingerprint = _digest("fashion-mnist", images_path.stat().st_size, labels_path.stat().st_size)
-    return Source("fashion-mnist", len(images), 10, FASHION_MNIST_CLASSES, load, fingerprint)
+    name = "fashion-mnist" if split == "train" else "fashion-mnist:test"
+    fingerprint = _digest(name, images_path.stat().st_size, labels_path.stat().st_size)
+    return Source(name, len(images), 10, FASHION_MNIST_CLASSES, load, fingerprint)
 
 
 def _digits() -> Source:

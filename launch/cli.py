@@ -1,4 +1,4 @@
-"""The ``sagan`` command line: prepare data, train, draw samples, report on a run, submit to Kubernetes."""
+"""The ``sagan`` command line: prepare data, train, evaluate, draw samples, report on a run, submit to Kubernetes."""
 
 from __future__ import annotations
 
@@ -108,6 +108,12 @@ def _report_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from launch.eval_command import evaluate_command, train_classifier_command
+
+    return train_classifier_command(args) if args.action == "train-classifier" else evaluate_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sagan", description="Distributed SAGAN training.")
     # The deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from the environment.
@@ -155,6 +161,28 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=100"
     )
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("eval", help="FID, KID, IS and class accuracy of a checkpoint (or of real images)")
+    p.add_argument("action", nargs="?", choices=["train-classifier"], help="train the dataset's classifier")
+    p.add_argument("--checkpoint", default=None, help="a run folder, checkpoints folder or step folder")
+    p.add_argument("--data", default=None, help="real images to score instead (train-classifier: its data)")
+    p.add_argument("--metrics", default=None, help="comma-separated: fid,kid,is,accuracy (default: all)")
+    p.add_argument(
+        "--num-samples", type=int, default=None, help="images to generate (default: eval.num_samples)"
+    )
+    p.add_argument("--extractor", default=None, help="classifier | efficientnet-lite0 | inception")
+    p.add_argument("--weights", default=None, help="the Inception weights file, for --extractor inception")
+    p.add_argument(
+        "--reference", default=None, help="the real images to compare with (default: the training data)"
+    )
+    p.add_argument("--num-reference", type=int, default=None, help="first N reference images; 0: all")
+    p.add_argument("--generator", choices=["ema", "g", "both"], default="ema", help="G-EMA, G, or both")
+    p.add_argument("--test-data", default="", help="train-classifier: held-out real images (a test split)")
+    p.add_argument("--epochs", type=int, default=None, help="train-classifier: epochs")
+    p.add_argument(
+        "--out", default=None, help="the JSON to write (default: <run>/eval/<step>-<extractor>.json)"
+    )
+    p.set_defaults(run=_eval)
 
     p = sub.add_parser("sample", help="draw a grid from a checkpoint's G-EMA, one row per class")
     p.add_argument("--checkpoint", required=True, help="a run folder, checkpoints folder or step folder")

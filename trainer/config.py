@@ -14,6 +14,7 @@ import yaml
 
 from data_pipeline.stream import DataConfig
 from models.sagan import ModelConfig
+from trainer.evaluation import EvalConfig
 
 
 class ConfigError(Exception):
@@ -70,6 +71,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -175,6 +177,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.ema_decay={cfg.trainer.ema_decay!r} must be in [0, 1)")
     try:
         cfg.model.validate()
+        cfg.eval.validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if not cfg.data.url:

@@ -30,6 +30,14 @@ from trainer.distributed import Runtime
 
 log = logging.getLogger("trainer")
 
+EVAL_GAUGES = {  # metric key -> help; sagan_eval_<key>{extractor}, of G-EMA at the last evaluation
+    "fid": "Frechet distance of G-EMA samples to the reference images",
+    "kid": "Kernel Inception Distance (unbiased MMD^2, cubic kernel), mean over subsets",
+    "kid_std": "Standard deviation of the KID over subsets",
+    "is": "Inception Score (of the extractor's logits), mean over splits",
+    "is_std": "Standard deviation of the Inception Score over splits",
+    "accuracy": "Share of conditional samples the dataset classifier assigns to their class",
+}
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -78,6 +86,14 @@ class Metrics:
             "sagan_nonfinite_steps", "Updates skipped for a non-finite loss or gradient", registry=r
         )
         self.world_size = Gauge("sagan_world_size", "Processes in the job", registry=r)
+        self.eval = {
+            key: Gauge(f"sagan_eval_{key}", text, ["extractor"], registry=r)
+            for key, text in EVAL_GAUGES.items()
+        }
+        self.eval_step = Gauge("sagan_eval_step", "Training step of the last evaluation", registry=r)
+        self.eval_seconds = Gauge(
+            "sagan_eval_duration_seconds", "Wall time of the last evaluation", registry=r
+        )
         self.rank_info = Gauge(
             "sagan_rank_info", "Constant 1, labelled with this rank's identity",
             ["rank", "local_rank", "backend", "precision", "device"], registry=r,
@@ -189,6 +205,13 @@ class Metrics:
         self.checkpoint_seconds.labels("write").set(write_seconds)
         self.checkpoint_last_success.set_to_current_time()
         self.checkpoint_last_step.set(step)
+
+    def record_eval(self, step: int, extractor: str, metrics: dict[str, float], seconds: float) -> None:
+        for key, value in metrics.items():
+            if key in self.eval:
+                self.eval[key].labels(extractor).set(value)
+        self.eval_step.set(step)
+        self.eval_seconds.set(seconds)
 
     def close_interval(self) -> float:
         """Images per second since the previous call; also sets the gauge."""

@@ -40,9 +40,10 @@ class RunLog:
         if not self.rows:
             return None
         first, last = self.rows[0]["step"], self.rows[-1]["step"]
-        name = f"{LOG_FOLDER}/part-{first:09d}-{last:09d}.parquet"
+        # unique: two flushes of one step (its training row, then its evaluation row) must not overwrite
+        name = f"{LOG_FOLDER}/part-{first:09d}-{last:09d}-{time.time_ns():019d}.parquet"
         buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(self.rows), buffer)
+        pq.write_table(_table(self.rows), buffer)
         self.store.write_bytes(name, buffer.getvalue())
         self.rows = []
         return self.store.url_of(name)
@@ -51,7 +52,9 @@ class RunLog:
 def read_run_log(run_url: str | Store) -> pa.Table:
     """Every logged row of a run, in step order; a resumed run's repeated steps keep their last value."""
     store = run_url if isinstance(run_url, Store) else open_store(str(run_url))
-    parts = [name for name in store.list(f"{LOG_FOLDER}/part-") if name.endswith(".parquet")]
+    parts = sorted(
+        (name for name in store.list(f"{LOG_FOLDER}/part-") if name.endswith(".parquet")), key=_written_at
+    )
     if not parts:
         raise DataError(f"no run log under {store.url_of(LOG_FOLDER)}")
     rows: dict[int, dict] = {}
@@ -59,6 +62,18 @@ def read_run_log(run_url: str | Store) -> pa.Table:
         table = pq.ParquetFile(io.BytesIO(store.read_bytes(part))).read(
             use_threads=False
         )  # apache/arrow#34314
-        for row in table.to_pylist():
-            rows[row["step"]] = row
-    return pa.Table.from_pylist([rows[s] for s in sorted(rows)])
+        for row in table.to_pylist():  # rows of one step (training, evaluation) merge; later values win
+            rows.setdefault(row["step"], {}).update({k: v for k, v in row.items() if v is not None})
+    return _table([rows[s] for s in sorted(rows)])
+
+
+def _written_at(name: str) -> tuple[int, str]:
+    """Parts in the order they were written (the time suffix; parts named without one came first)."""
+    fields = name.rsplit("/", 1)[-1].removesuffix(".parquet").split("-")
+    return (int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else 0, name)
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    """Rows with different keys (evaluation rows add columns) as one table, missing values null."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])

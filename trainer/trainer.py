@@ -29,6 +29,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config, ConfigError, to_dict
 from trainer.distributed import Runtime
+from trainer.evaluation import Evaluator
 from trainer.gan_step import make_backend
 from trainer.metrics import Metrics
 from trainer.run_log import RunLog
@@ -112,6 +113,19 @@ class Trainer:
             metrics=self.metrics,
         )
         self.run_log = RunLog(cfg.run.dir)
+        self.evaluator = None  # eval.metrics=[]: no evaluation during training
+        if cfg.eval.metrics:
+            self.evaluator = Evaluator(
+                cfg.eval,
+                data_url=cfg.data.url,
+                resolution=cfg.model.resolution,
+                z_dim=cfg.model.z_dim,
+                num_classes=self.num_classes,
+                rank=runtime.rank,
+                world_size=runtime.world_size,
+                device=runtime.device,
+                num_workers=cfg.data.num_workers,
+            )
         self.step = 0
         grid = samples.grid_classes(self.num_classes)
         self.grid_z, self.grid_y = samples.fixed_inputs(
@@ -216,8 +230,9 @@ class Trainer:
                 self._log(d_update, g_update, progress)
             if self.step % t.sample_interval == 0 or self.step == t.max_steps:
                 self._save_samples()
+            fid = self.evaluate() if self._evaluation_due() else None
             if self.step % cfg.checkpoint.interval_steps == 0 or self.step == t.max_steps:
-                self.save_checkpoint()
+                self.save_checkpoint(fid=fid)
             if self.step % t.log_interval == 0 and self.step < t.max_steps and stop.agreed(device):
                 self._stop_with_checkpoint()
         progress.close()
@@ -232,6 +247,29 @@ class Trainer:
             self.run_log.flush()
             self.checkpointer.wait()
         raise Terminated(self.step)
+
+    def _evaluation_due(self) -> bool:
+        every = self.cfg.eval.interval_steps
+        return self.evaluator is not None and (
+            self.step == self.cfg.trainer.max_steps or (every > 0 and self.step % every == 0)
+        )
+
+    def evaluate(self) -> float | None:
+        """Score G-EMA (every rank): Prometheus gauges, a run-log row, ``<run>/eval/step_N.json``; returns FID."""
+        result = self.evaluator.evaluate(self.ema.module, step=self.step, name="G-EMA")
+        self.metrics.record_eval(self.step, result.extractor, result.metrics, result.seconds)
+        if self.runtime.is_main:
+            self.run_log.append(
+                {
+                    "step": self.step,
+                    "time": time.time(),
+                    **{f"eval_{k}": v for k, v in result.metrics.items()},
+                }
+            )
+            name = f"eval/step_{self.step:07d}.json"
+            self.run_store.write_bytes(name, result.to_json())
+            log.info("evaluation: %s -> %s", result.summary(), self.run_store.url_of(name))
+        return result.metrics.get("fid")
 
     def _noise(self, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg.trainer

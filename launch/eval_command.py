@@ -1,0 +1,135 @@
+"""``sagan eval``: score a checkpoint's generators (or a set of real images) and train the dataset classifier.
+
+    sagan eval --checkpoint runs/default [--generator ema|g|both] [--metrics fid,kid,is,accuracy]
+               [--num-samples N] [--extractor classifier|efficientnet-lite0|inception] [--weights FILE]
+               [--reference URL] [--out FILE]
+    sagan eval --data URL --reference URL        # real images against real images: the floor of FID
+    sagan eval train-classifier --data URL [--test-data URL] [--epochs N]
+
+Settings not given on the command line come from the checkpoint's ``eval`` config section (the
+defaults of ``EvalConfig`` for ``--data``). The table goes to stdout, the JSON to ``--out``
+(default: ``<run>/eval/step_<N>-<extractor>.json`` beside the checkpoints, ``eval.json`` for ``--data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from data_pipeline.storage import open_store, split_url
+from trainer.evaluation import EvalConfig, EvalResult, Evaluator, format_table
+
+
+def _eval_config(base: EvalConfig, args: argparse.Namespace) -> EvalConfig:
+    changes = {
+        "metrics": [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
+        "num_samples": args.num_samples,
+        "extractor": args.extractor,
+        "inception_weights": args.weights,
+        "reference_url": args.reference,
+        "num_reference": args.num_reference,
+    }
+    cfg = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+    if not cfg.metrics:
+        raise ValueError("--metrics is empty: give some of fid,kid,is,accuracy")
+    cfg.validate()
+    return cfg
+
+
+def _write(results: list[EvalResult], out: str) -> str:
+    parent, name = split_url(out) if "/" in out.rstrip("/") else (".", out)
+    store = open_store(parent)
+    store.write_bytes(name, json.dumps([dataclasses.asdict(r) for r in results], indent=1).encode())
+    return store.url_of(name)
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    if (args.checkpoint is None) == (args.data is None):
+        raise ValueError("give either --checkpoint URL (score a generator) or --data URL (score real images)")
+    if args.checkpoint is not None:
+        return _evaluate_checkpoint(args)
+    from data_pipeline.manifest import read_manifest
+
+    cfg = _eval_config(EvalConfig(), args)
+    manifest = read_manifest(args.data)
+    evaluator = Evaluator(
+        cfg,
+        data_url=args.data,
+        resolution=manifest.image_size,
+        z_dim=1,
+        num_classes=manifest.num_classes,
+    )
+    result = evaluator.evaluate_real(args.data, name=f"real {args.data}")
+    print(format_table([result]))
+    print(f"wrote {_write([result], args.out or 'eval.json')}")
+    return 0
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> int:
+    from models.sagan import build_models
+    from trainer.checkpoint import load_folder, resolve
+    from trainer.config import from_dict
+    from trainer.distributed import init_runtime, shutdown
+
+    folder = resolve(args.checkpoint)
+    state, manifest = load_folder(folder)
+    cfg = from_dict(manifest["config"])
+    eval_cfg = _eval_config(cfg.eval, args)
+    num_classes = manifest["num_classes"]
+    generators = {}
+    for key, label, weights in (("ema", "G-EMA", state["G_ema"]), ("g", "G", state["backend"]["G"])):
+        if args.generator in (key, "both"):
+            G, _ = build_models(cfg.model, num_classes)
+            G.load_state_dict(weights)
+            generators[label] = G
+    runtime = init_runtime("auto")
+    exit_code = 1
+    try:
+        evaluator = Evaluator(
+            eval_cfg,
+            data_url=cfg.data.url,
+            resolution=cfg.model.resolution,
+            z_dim=cfg.model.z_dim,
+            num_classes=num_classes,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            device=runtime.device,
+        )
+        results = [
+            evaluator.evaluate(G.to(runtime.device), step=manifest["step"], name=label)
+            for label, G in generators.items()
+        ]
+        if runtime.is_main:
+            print(format_table(results))
+            out = args.out
+            if out is None:
+                checkpoints, _ = split_url(folder)
+                run, _ = split_url(checkpoints)
+                out = f"{run}/eval/step_{manifest['step']}-{eval_cfg.extractor}.json"
+            print(f"wrote {_write(results, out)}")
+        exit_code = 0
+    finally:
+        shutdown(runtime, exit_code)
+    return exit_code
+
+
+def train_classifier_command(args: argparse.Namespace) -> int:
+    from trainer.classifier import save_classifier, train_classifier
+
+    if not args.data:
+        raise ValueError("sagan eval train-classifier needs --data URL (a prepared dataset)")
+    defaults = EvalConfig()
+    model, info = train_classifier(
+        args.data,
+        test_url=args.test_data,
+        epochs=args.epochs or defaults.classifier_epochs,
+        width=defaults.classifier_width,
+    )
+    where = save_classifier(args.data, model, info)
+    print(
+        f"classifier for {args.data}: {100 * info.accuracy:.2f}% on {info.num_held_out} held-out images "
+        f"({info.held_out}); {info.num_train} training images, {info.epochs} epochs, {info.seconds:.0f}s; "
+        f"saved to {where}"
+    )
+    return 0
