@@ -316,6 +316,9 @@ def live_job(tmp_path_factory) -> LiveJob:
                 "trainer.max_steps=1000000", "trainer.log_interval=1", "trainer.sample_interval=1000000",
                 "trainer.global_batch_size=8", "checkpoint.interval_steps=3", "checkpoint.keep_last=1",
                 "model.g_channels=8", "model.d_channels=8", "model.z_dim=16", "data.num_workers=0",
+                # A small evaluation now and then, so the dashboard's FID panel has a series to show.
+                "eval.metrics=[fid]", "eval.interval_steps=5", "eval.num_samples=64", "eval.num_reference=256",
+                "eval.batch_size=64", "eval.classifier_epochs=1", "eval.classifier_width=4",
             ],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
