@@ -459,7 +459,7 @@ def test_run_log_keeps_the_training_and_evaluation_rows_of_one_step(tmp_path):
 
 
 def test_the_fashion_mnist_test_split_is_a_source():
-    from data_pipeline.prepare import FASHION_MNIST_DIR, open_source
+    from data_pipeline.sources import FASHION_MNIST_DIR, open_source
 
     if not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
