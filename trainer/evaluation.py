@@ -209,6 +209,11 @@ class EvalResult:
         )
 
 
+def eval_result_name(step: int, extractor: str) -> str:
+    """Where an evaluation's JSON goes in a run folder, from training and from ``sagan eval`` alike."""
+    return f"eval/step_{step:07d}-{extractor}.json"
+
+
 def format_table(results: list[EvalResult]) -> str:
     header = ["", "step", "samples", "extractor", "FID", "KID ×1e3", "IS", "accuracy", "real acc."]
     rows = [header]

@@ -29,7 +29,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config, ConfigError, to_dict
 from trainer.distributed import Runtime
-from trainer.evaluation import Evaluator
+from trainer.evaluation import Evaluator, eval_result_name
 from trainer.gan_step import make_backend
 from trainer.metrics import Metrics
 from trainer.run_log import RunLog
@@ -255,7 +255,7 @@ class Trainer:
         )
 
     def evaluate(self) -> float | None:
-        """Score G-EMA (every rank): Prometheus gauges, a run-log row, ``<run>/eval/step_N.json``; returns FID."""
+        """Score G-EMA (every rank): Prometheus gauges, a run-log row, ``<run>/eval/step_N-<extractor>.json``; returns FID."""
         result = self.evaluator.evaluate(self.ema.module, step=self.step, name="G-EMA")
         self.metrics.record_eval(self.step, result.extractor, result.metrics, result.seconds)
         if self.runtime.is_main:
@@ -266,7 +266,7 @@ class Trainer:
                     **{f"eval_{k}": v for k, v in result.metrics.items()},
                 }
             )
-            name = f"eval/step_{self.step:07d}.json"
+            name = eval_result_name(self.step, result.extractor)
             self.run_store.write_bytes(name, result.to_json())
             log.info("evaluation: %s -> %s", result.summary(), self.run_store.url_of(name))
         return result.metrics.get("fid")
