@@ -395,6 +395,34 @@ def test_training_evaluates_g_ema_for_metrics_run_log_checkpoint_and_json(digits
     assert manifest["fid"] == pytest.approx(result["metrics"]["fid"])
 
 
+def test_a_failing_evaluation_is_counted_and_training_and_its_checkpoint_go_on(digits, tmp_path):
+    from trainer.config import load_config
+    from trainer.distributed import init_runtime
+    from trainer.trainer import Trainer
+
+    run = tmp_path / "run"
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml",
+        [f"data.url={digits}", f"run.dir={run}", "trainer.max_steps=4", "trainer.log_interval=2",
+         "trainer.global_batch_size=8", "checkpoint.interval_steps=2", "eval.interval_steps=2", *TINY,
+         "eval.batch_size=32"],
+    )  # fmt: skip
+    trainer = Trainer(cfg, init_runtime("cpu"))
+
+    def out_of_memory(module, inputs, output):  # what a too-large eval.batch_size does on a GPU
+        if len(inputs[0]) == 32:  # evaluation batches only, not the sample grid's
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    trainer.ema.module.register_forward_hook(out_of_memory)
+    trainer.train()
+    registry = trainer.metrics.registry
+    assert registry.get_sample_value("sagan_eval_failures_total") == 2  # steps 2 and 4
+    assert registry.get_sample_value("sagan_eval_running_since_timestamp_seconds") == 0
+    assert (run / "checkpoints" / "LATEST").read_text() == "step_4"
+    assert json.loads((run / "checkpoints" / "step_4" / "manifest.json").read_text())["fid"] is None
+    assert not (run / "eval").exists()
+
+
 def test_sagan_eval_prints_a_table_and_writes_json(digits, tmp_path, capsys):
     run = tmp_path / "run"
     assert (

@@ -169,8 +169,9 @@ def train_classifier(
         images, labels = images[~held], labels[~held]
         held_out = f"every {HOLDOUT_EVERY}th image of {data_url} (not trained on)"
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = SmallCNN(manifest.num_classes, width, manifest.image_size)
+    with torch.random.fork_rng(devices=[]):  # a training run's random state must not depend on a cache
+        torch.manual_seed(seed)
+        model = SmallCNN(manifest.num_classes, width, manifest.image_size)
     with torch.enable_grad():  # also when called from inside an evaluation (under no_grad)
         _fit(model, images, labels, epochs, generator)
     model.eval().requires_grad_(False)

@@ -196,6 +196,8 @@ class Trainer:
     def _loop(self, stop: StopRequest) -> None:
         cfg, t, device = self.cfg, self.cfg.trainer, self.runtime.device
         self.maybe_resume()
+        if self.evaluator is not None:
+            self.evaluator.setup()  # extractors, classifier, reference features: fail now, not at the end
         batches = iter(self.stream)
         progress = tqdm(
             total=t.max_steps,
@@ -255,8 +257,23 @@ class Trainer:
         )
 
     def evaluate(self) -> float | None:
-        """Score G-EMA (every rank): Prometheus gauges, a run-log row, ``<run>/eval/step_N-<extractor>.json``; returns FID."""
-        result = self.evaluator.evaluate(self.ema.module, step=self.step, name="G-EMA")
+        """Score G-EMA (every rank): Prometheus gauges, a run-log row, ``<run>/eval/step_N-<extractor>.json``;
+        returns FID. An evaluation that fails is logged and counted, and training (and this step's
+        checkpoint) goes on without its scores; what it needs was checked before the first step."""
+        self.metrics.eval_running_since.set_to_current_time()
+        try:
+            result = self.evaluator.evaluate(self.ema.module, step=self.step, name="G-EMA")
+        except Exception as err:
+            self.metrics.eval_failures.inc()
+            log.error(
+                "rank %d: evaluation at step %d failed, training goes on: %s",
+                self.runtime.rank,
+                self.step,
+                err,
+            )
+            return None
+        finally:
+            self.metrics.eval_running_since.set(0)
         self.metrics.record_eval(self.step, result.extractor, result.metrics, result.seconds)
         if self.runtime.is_main:
             self.run_log.append(
