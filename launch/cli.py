@@ -47,15 +47,11 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.config import load_config
+    from trainer.config import config_from_arguments
     from trainer.distributed import init_runtime
     from trainer.trainer import Trainer, ensure_dataset
 
-    overrides = list(args.overrides)
-    config_file = args.config
-    if overrides and config_file is None and "=" not in overrides[0]:
-        config_file = overrides.pop(0)  # `sagan train configs/smoke.yaml` reads as well as --config
-    cfg = load_config(config_file, overrides)
+    cfg = config_from_arguments(args.config, args.overrides)
     runtime = init_runtime(cfg.trainer.device, cfg.trainer.timeout_seconds)
 
     def work() -> None:

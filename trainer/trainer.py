@@ -27,7 +27,7 @@ from trainer.checkpoint import (
     refuse_other_model,
     restore_rng_state,
 )
-from trainer.config import Config, ConfigError, to_dict
+from trainer.config import Config, ConfigError, checkpoint_location, to_dict
 from trainer.distributed import Runtime
 from trainer.evaluation import Evaluator, eval_result_name
 from trainer.gan_step import make_backend
@@ -108,7 +108,7 @@ class Trainer:
             checkpoint_interval_steps=cfg.checkpoint.interval_steps,
         )
         self.checkpointer = Checkpointer(
-            cfg.checkpoint.url or self.run_store.url_of("checkpoints"),
+            checkpoint_location(cfg),
             cfg.checkpoint.keep_last,
             metrics=self.metrics,
         )
