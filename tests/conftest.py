@@ -140,3 +140,26 @@ def s3_env(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
 def s3_bucket(moto_server: MotoServer, s3_env: str) -> str:
     """A fresh, empty bucket on the moto server (its name)."""
     return moto_server.create_bucket()
+
+
+@pytest.fixture(scope="session")
+def _session_fault_proxy(moto_server: MotoServer):
+    from faults import FaultProxy
+
+    proxy = FaultProxy(moto_server.endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def fault_proxy(_session_fault_proxy, s3_env: str, monkeypatch: pytest.MonkeyPatch):
+    """A ``faults.FaultProxy`` in front of the moto server, without rules or faults at the start of the
+    test; AWS_ENDPOINT_URL points at it for this test. One proxy (one endpoint) serves the session, so
+    the boto3 client cached for an endpoint is reused."""
+    proxy = _session_fault_proxy
+    proxy.reset()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    proxy.reset()
