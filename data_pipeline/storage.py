@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
+import logging
 import os
 import random
 import secrets
@@ -36,6 +37,7 @@ MULTIPART_THRESHOLD_BYTES = 16 * 2**20
 MULTIPART_CHUNK_BYTES = 16 * 2**20
 
 T = TypeVar("T")
+log = logging.getLogger("data_pipeline")
 
 _retry_lock = threading.Lock()
 _retries = 0
@@ -240,9 +242,22 @@ def _s3_client() -> Any:
             client = session.client("s3", region_name=region, config=config)
         except ValueError as exc:  # botocore raises ValueError for a malformed endpoint URL
             raise DataError(f"cannot use S3 endpoint {endpoint!r}: {exc}") from None
+        client.meta.events.register("before-parse.s3.*", _refuse_short_bodies)
         _clients.clear()  # clients of a parent process or an older environment are not reusable
         _clients[key] = client
         return client
+
+
+def _refuse_short_bodies(response_dict: dict[str, Any], operation_model: Any, **_: Any) -> None:
+    """botocore reads whole (non-streaming) answers without checking Content-Length, so a listing cut
+    short by a dropped connection would parse as a shorter listing: make that a retried failure."""
+    from botocore.exceptions import IncompleteReadError
+
+    if operation_model.has_streaming_output or operation_model.http.get("method") == "HEAD":
+        return  # streamed bodies are checked by _S3ObjectReader; HEAD has none
+    expected, body = response_dict["headers"].get("content-length"), response_dict["body"]
+    if expected is not None and isinstance(body, bytes) and len(body) != int(expected):
+        raise IncompleteReadError(actual_bytes=len(body), expected_bytes=int(expected))
 
 
 class _ShortRead(Exception):
@@ -300,6 +315,7 @@ class S3Store(Store):
     # -- errors and retries --------------------------------------------------------------------------
     def permanent_error(self, exc: BaseException, url: str) -> DataError | None:
         """The DataError for a failure that retrying cannot fix, or None when it is worth retrying."""
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import (
             ClientError,
             NoCredentialsError,
@@ -309,6 +325,9 @@ class S3Store(Store):
 
         if isinstance(exc, DataError):
             return exc
+        if isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
+            # upload_file wraps the ClientError of the request that failed (a 503 SlowDown, say): judge that
+            return self.permanent_error(exc.__context__, url)
         if isinstance(exc, NoCredentialsError | PartialCredentialsError):
             return DataError(
                 f"no S3 credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
@@ -392,10 +411,31 @@ class S3Store(Store):
             multipart_threshold=MULTIPART_THRESHOLD_BYTES, multipart_chunksize=MULTIPART_CHUNK_BYTES
         )
         key = self.key_of(name)
+        retries_before = self.retries
         self.retrying(
             self.url_of(name),
             lambda: _s3_client().upload_file(str(path), self.bucket, key, Config=transfer),
         )
+        if self.retries != retries_before and os.path.getsize(path) >= MULTIPART_THRESHOLD_BYTES:
+            self.abort_orphaned_parts(key)
+
+    def abort_orphaned_parts(self, key: str) -> None:
+        """Abort the unfinished multipart uploads of ``key``: the parts of attempts that failed (boto3
+        aborts them itself unless that request failed too), which S3 would otherwise keep and bill."""
+
+        def abort_all() -> None:
+            client = _s3_client()
+            listing = client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
+            for upload in listing.get("Uploads", []):
+                if upload["Key"] == key:
+                    client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload["UploadId"])
+
+        try:
+            self.retrying(f"s3://{self.bucket}/{key}", abort_all)
+        except DataError as err:  # the object is committed; stray parts are only a cost
+            log.warning(
+                "could not abort unfinished multipart uploads of s3://%s/%s: %s", self.bucket, key, err
+            )
 
     def exists(self, name: str) -> bool:
         key = self.key_of(name)
