@@ -4,9 +4,7 @@
 request's head, decides what to do with it and relays the rest byte for byte: pass it on, delay it,
 reset the connection before or after the server ran the request, answer 500 InternalError or 503
 SlowDown itself, or cut the response body short. Decisions come from scripted ``Rule``s (the first
-request that matches) and then from a seeded random ``FaultPlan`` whose draw for a request is a hash of
-(seed, method, target, range, how often that request was seen), so a run's faults do not depend on
-thread or process timing.
+request that matches) and then from a seeded random ``FaultPlan``.
 
 The process helpers end one rank of a job (``kill_rank``), send a job's process group a signal, and
 make a checkpoint folder full (``SmallDisk``, a tmpfs of a chosen size) or read-only.
@@ -56,7 +54,9 @@ class Rule:
 @dataclass
 class FaultPlan:
     """Faults at random, at ``read_rate`` for GET/HEAD and ``write_rate`` for PUT/POST/DELETE, the kind
-    drawn uniformly from ``kinds`` (``lost_response`` only for writes, where it matters)."""
+    drawn uniformly from ``kinds`` (``lost_response`` only for writes, where it matters). The draw for
+    the n-th request of a method is a hash of (seed, method, n): a client that sends its requests one
+    after another meets the same faults in every run."""
 
     seed: int = 0
     read_rate: float = 0.0
@@ -64,11 +64,10 @@ class FaultPlan:
     kinds: tuple[str, ...] = KINDS
     seen: Counter = field(default_factory=Counter)
 
-    def draw(self, method: str, target: str, range_header: str) -> str | None:
-        request = (method, target, range_header)
-        self.seen[request] += 1
+    def draw(self, method: str) -> str | None:
+        self.seen[method] += 1
         rate = self.read_rate if method in READS else self.write_rate
-        digest = hashlib.sha256(repr((self.seed, *request, self.seen[request])).encode()).digest()
+        digest = hashlib.sha256(repr((self.seed, method, self.seen[method])).encode()).digest()
         chance, pick = struct.unpack("<QQ", digest[:16])
         if chance / 2**64 >= rate:
             return None
@@ -85,6 +84,7 @@ class FaultProxy:
         self.plan = plan or FaultPlan()
         self.rules: list[Rule] = []
         self.faults: Counter[str] = Counter()  # injected, by kind
+        self.faults_by_method: Counter[str] = Counter()  # injected at random (FaultPlan), by method
         self.requests: list[bytes] = []  # every request head, in arrival order
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -101,7 +101,7 @@ class FaultProxy:
         """No rules, ``plan`` (default: no random faults), counters at zero."""
         with self.lock:
             self.rules, self.plan = [], plan or FaultPlan()
-            self.faults, self.requests = Counter(), []
+            self.faults, self.faults_by_method, self.requests = Counter(), Counter(), []
 
     @property
     def num_requests(self) -> int:
@@ -119,9 +119,7 @@ class FaultProxy:
         self.close()
 
     # -- decisions ------------------------------------------------------------------------------------
-    def _decide(
-        self, head: bytes, method: str, target: str, headers: dict[str, str]
-    ) -> tuple[str, Rule | None]:
+    def _decide(self, head: bytes, method: str) -> tuple[str, Rule | None]:
         with self.lock:
             self.requests.append(head)
             for rule in self.rules:
@@ -130,9 +128,10 @@ class FaultProxy:
                         rule.times -= 1
                     self.faults[rule.kind] += 1
                     return rule.kind, rule
-            kind = self.plan.draw(method, target, headers.get("range", ""))
+            kind = self.plan.draw(method)
             if kind is not None:
                 self.faults[kind] += 1
+                self.faults_by_method[method] += 1
             return kind or "pass", None
 
     # -- relaying -------------------------------------------------------------------------------------
@@ -160,8 +159,8 @@ class FaultProxy:
                 head = reader.head()
                 if head is None:
                     break
-                method, target, headers = _parse_head(head)
-                kind, rule = self._decide(head, method, target, headers)
+                method, _, headers = _parse_head(head)
+                kind, rule = self._decide(head, method)
                 if kind == "delay":
                     time.sleep(DELAY_SECONDS)
                 elif kind == "reset":
