@@ -18,6 +18,7 @@ re-splits what remains for any world size, batch size or worker count.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -538,6 +539,7 @@ class ShardStream:
                 pin_memory=torch.cuda.is_available(),
                 prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
                 persistent_workers=False,
+                worker_init_fn=_leave_stop_signals_to_the_rank,
             )
             for item in loader:
                 if self.segment is not segment:
@@ -619,6 +621,13 @@ class ShardStream:
             self.consumed = consumed
         else:
             self._start_segment(remaining)  # another shape: re-split what is left of the epoch
+
+
+def _leave_stop_signals_to_the_rank(_worker_id: int) -> None:
+    """A SIGTERM or SIGINT sent to the whole process group (SLURM, a terminal) is the rank's to handle:
+    it finishes its step and then ends the loader, and with it this worker."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _check_config(cfg: DataConfig) -> None:

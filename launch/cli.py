@@ -42,6 +42,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.distributed import init_runtime, shutdown
+    from trainer.preemption import Preempted
     from trainer.trainer import Trainer, ensure_dataset
 
     overrides = list(args.overrides)
@@ -50,17 +51,21 @@ def _train(args: argparse.Namespace) -> int:
         config_file = overrides.pop(0)  # `sagan train configs/smoke.yaml` reads as well as --config
     cfg = load_config(config_file, overrides)
     runtime = init_runtime(cfg.trainer.device, cfg.trainer.timeout_seconds)
-    exit_code = 1
+    exit_code, together = 1, False
     try:
         ensure_dataset(cfg, runtime)
         Trainer(cfg, runtime).train()
         exit_code = 0
+    except Preempted as stop:  # every rank stopped at the same step, its checkpoint committed
+        if runtime.is_main:
+            print(f"sagan train: {stop}", file=sys.stderr, flush=True)
+        exit_code, together = stop.exit_code, True
     except USER_ERRORS as err:
         exit_code = _report("train", err)
     except BaseException:
         log.exception("rank %d failed", runtime.rank)  # said before shutdown, which may end the process
     finally:
-        shutdown(runtime, exit_code)
+        shutdown(runtime, exit_code, together=together or exit_code == 0)
     return exit_code
 
 

@@ -163,3 +163,13 @@ def fault_proxy(_session_fault_proxy, s3_env: str, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     yield proxy
     proxy.reset()
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's 1,797 digits at 32x32 as a local dataset, prepared once for the session."""
+    from data_pipeline.prepare import prepare
+
+    out = tmp_path_factory.mktemp("digits") / "digits-32"
+    prepare("digits", str(out), image_size=32, shard_size=100 * 1024, progress=False)
+    return out

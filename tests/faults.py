@@ -42,13 +42,14 @@ ERROR_BODIES = {
 class Rule:
     """Apply ``kind`` to the next ``times`` requests (None: every one) whose head contains ``match``
     and whose method is one of ``methods``. ``truncate_after`` cuts the response after that many bytes
-    (head included) instead of half-way through its body."""
+    (head included) instead of half-way through its body; a delay lasts ``seconds``."""
 
     kind: str
     match: bytes = b""
     methods: tuple[str, ...] = READS + WRITES
     times: int | None = 1
     truncate_after: int | None = None
+    seconds: float = DELAY_SECONDS  # of a delay
 
 
 @dataclass
@@ -162,7 +163,7 @@ class FaultProxy:
                 method, _, headers = _parse_head(head)
                 kind, rule = self._decide(head, method)
                 if kind == "delay":
-                    time.sleep(DELAY_SECONDS)
+                    time.sleep(rule.seconds if rule else DELAY_SECONDS)
                 elif kind == "reset":
                     _reset(client)
                     break

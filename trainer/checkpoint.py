@@ -342,13 +342,23 @@ class Checkpointer:
             self._write(job)
             self.wait()
             return
-        self._thread = threading.Thread(target=self._write, args=(job,), name=f"checkpoint-step_{step}")
+        # A daemon: a run that fails exits at once, as a distributed one does, rather than after an upload
+        # that may take minutes (an uncommitted checkpoint is invisible; LATEST names the previous one).
+        self._thread = threading.Thread(
+            target=self._write, args=(job,), name=f"checkpoint-step_{step}", daemon=True
+        )
         self._thread.start()
 
     @property
     def busy(self) -> bool:
         """True while a save is being written in the background."""
         return self._thread is not None and self._thread.is_alive()
+
+    def idle(self, timeout: float = 0.0) -> bool:
+        """True once no save is being written, after waiting up to ``timeout`` seconds for the one that is."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.busy
 
     def wait(self) -> None:
         """Block until the last save is committed; raise a CheckpointError if it could not be."""

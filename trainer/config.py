@@ -41,6 +41,7 @@ class TrainerConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage (0, 1 or 2)
     bn_group_size: int = 0  # G's batch-norm statistics per group of this many samples; 0: the rank's batch
     timeout_seconds: int = 600  # a collective that waits longer fails the job instead of hanging it
+    preemption_grace_seconds: float = 25.0  # SIGTERM/SIGINT to exit: finish the step, checkpoint, leave
 
 
 @dataclass
@@ -93,6 +94,7 @@ POSITIVE = (
     "trainer.sample_interval",
     "trainer.sample_columns",
     "trainer.timeout_seconds",
+    "trainer.preemption_grace_seconds",
     "checkpoint.interval_steps",
     "checkpoint.keep_last",
     "data.shuffle_block_shards",

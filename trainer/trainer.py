@@ -28,9 +28,11 @@ from trainer.checkpoint import (
     restore_rng_state,
 )
 from trainer.config import Config, ConfigError, to_dict
+from trainer.coordination import ControlGroup
 from trainer.distributed import Runtime
 from trainer.gan_step import make_backend
 from trainer.metrics import Metrics
+from trainer.preemption import EXIT_SECONDS, Preempted, Preemption
 from trainer.run_log import RunLog
 
 log = logging.getLogger("trainer")
@@ -105,7 +107,10 @@ class Trainer:
             metrics=self.metrics,
         )
         self.run_log = RunLog(cfg.run.dir)
+        self.control = ControlGroup(runtime, t.timeout_seconds)
+        self.preemption = Preemption(t.preemption_grace_seconds)
         self.step = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint handed to the writer
         grid = samples.grid_classes(self.num_classes)
         self.grid_z, self.grid_y = samples.fixed_inputs(
             cfg.model.z_dim, grid, t.sample_columns, t.seed, runtime.device
@@ -130,7 +135,9 @@ class Trainer:
         restore_rng_state(state.get("rng"), self.runtime.rank)
 
     def save_checkpoint(self, fid: float | None = None) -> None:
-        """Stalls every rank only for the snapshot; rank 0 writes it in the background."""
+        """Stalls every rank only for the snapshot; rank 0 writes it in the background (after the previous
+        save, which every rank waits for in short collectives, never one as long as the upload)."""
+        self.control.wait_for_rank0(self.checkpointer.idle)
         started = time.perf_counter()
         state = self.state_dict()
         if self.runtime.is_main:
@@ -142,11 +149,51 @@ class Trainer:
             }
             self.run_log.flush()  # the log is as complete as the checkpoint
             self.checkpointer.save(self.step, state, meta, fid=fid)
+        self.saved_step = self.step
         self.metrics.checkpoint_seconds.labels("stall").set(time.perf_counter() - started)
 
-    def maybe_resume(self) -> None:
+    def wait_for_checkpoint(self, deadline: float | None = None) -> None:
+        """Every rank: return once rank 0's last save is committed; raise its CheckpointError on every rank
+        when it could not be (or, given a ``deadline`` in time.monotonic(), was not by then)."""
+        in_time = self._wait_for_writer(deadline)
+        error = None
         if self.runtime.is_main:
-            self.checkpointer.wait()  # a save still running from an earlier train() call
+            try:
+                if not in_time:
+                    raise CheckpointError(self._late(self.saved_step))
+                self.checkpointer.wait()
+            except CheckpointError as err:
+                error = str(err)
+        error = self.control.from_rank0(error)
+        if error:
+            raise CheckpointError(error)
+
+    def _wait_for_writer(self, deadline: float | None = None) -> bool:
+        """Every rank, in collectives of a second each: until rank 0 writes no checkpoint, or the deadline
+        passed (then False on every rank)."""
+        late = False
+
+        def idle(seconds: float) -> bool:
+            nonlocal late
+            if deadline is not None:
+                seconds = max(0.0, min(seconds, deadline - time.monotonic()))
+            if self.checkpointer.idle(seconds):
+                return True
+            late = deadline is not None and time.monotonic() >= deadline
+            return late
+
+        self.control.wait_for_rank0(idle)
+        return not self.control.from_rank0(late)
+
+    def _late(self, step: int | None) -> str:
+        return (
+            f"checkpoint step_{step} was not committed to {self.checkpointer.url} within "
+            f"trainer.preemption_grace_seconds={self.cfg.trainer.preemption_grace_seconds:g}; the previous "
+            "checkpoint stays LATEST"
+        )
+
+    def maybe_resume(self) -> None:
+        self.wait_for_checkpoint()  # a save still running from an earlier train() call
         found = load_for_resume(
             self.checkpointer,
             rank=self.runtime.rank,
@@ -167,6 +214,13 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def train(self) -> None:
+        self.preemption.install()
+        try:
+            self._train()
+        finally:
+            self.preemption.uninstall()
+
+    def _train(self) -> None:
         cfg, t, device = self.cfg, self.cfg.trainer, self.runtime.device
         self.maybe_resume()
         batches = iter(self.stream)
@@ -203,10 +257,31 @@ class Trainer:
                 self._save_samples()
             if self.step % cfg.checkpoint.interval_steps == 0 or self.step == t.max_steps:
                 self.save_checkpoint()
+            stop_signal = self.control.lagged_max(self.preemption.signum or 0)
+            if stop_signal and self.step < t.max_steps:
+                progress.close()
+                self._stop_preempted(stop_signal)
         progress.close()
+        self.control.close()
         if self.runtime.is_main:
             self.run_log.flush()
-            self.checkpointer.wait()  # the job succeeds only once its last checkpoint is committed
+        self.wait_for_checkpoint()  # the job succeeds only once its last checkpoint is committed
+
+    def _stop_preempted(self, signum: int) -> None:
+        """Every rank, at the same step: checkpoint it, wait for the commit until the grace period's deadline."""
+        self.control.close()
+        log.warning("rank %d: stopping at step %d for a pre-emption", self.runtime.rank, self.step)
+        deadline = self.preemption.deadline or (
+            time.monotonic() + self.cfg.trainer.preemption_grace_seconds - EXIT_SECONDS
+        )
+        if self.saved_step != self.step:
+            if not self._wait_for_writer(deadline):  # the save before this one is still being written
+                raise CheckpointError(self._late(self.saved_step))
+            self.save_checkpoint()
+        if self.runtime.is_main:
+            self.run_log.flush()
+        self.wait_for_checkpoint(deadline)
+        raise Preempted(signum, self.step, self.checkpointer.store.url_of(f"step_{self.step}"))
 
     def _noise(self, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg.trainer
