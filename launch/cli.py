@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -18,9 +19,15 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, OSError)
 
 
 def _report(command: str, err: BaseException) -> int:
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    print(f"sagan {command}: error: {message}", file=sys.stderr, flush=True)
+    print(f"sagan {command}: error: {_one_line(err)}", file=sys.stderr, flush=True)
     return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an error, without the ``[file.cc:123] `` prefix of torch's C++ errors."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", line)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -41,6 +48,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
+    from trainer.coordination import FailureNotice, record_for_launcher
     from trainer.distributed import init_runtime, shutdown
     from trainer.preemption import Preempted
     from trainer.trainer import Trainer, ensure_dataset
@@ -52,6 +60,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(config_file, overrides)
     runtime = init_runtime(cfg.trainer.device, cfg.trainer.timeout_seconds)
     exit_code, together = 1, False
+    notice = FailureNotice(runtime)  # another rank's failure ends this one at once, with its message
     try:
         ensure_dataset(cfg, runtime)
         Trainer(cfg, runtime).train()
@@ -60,11 +69,14 @@ def _train(args: argparse.Namespace) -> int:
         if runtime.is_main:
             print(f"sagan train: {stop}", file=sys.stderr, flush=True)
         exit_code, together = stop.exit_code, True
-    except USER_ERRORS as err:
-        exit_code = _report("train", err)
-    except BaseException:
-        log.exception("rank %d failed", runtime.rank)  # said before shutdown, which may end the process
+    except BaseException as err:
+        if not isinstance(err, USER_ERRORS):
+            log.exception("rank %d failed", runtime.rank)  # the traceback, for what no one foresaw
+        message, exit_code = notice.publish(_one_line(err), 2 if isinstance(err, USER_ERRORS) else 1)
+        print(f"sagan train: error: {message}", file=sys.stderr, flush=True)
+        record_for_launcher(message)
     finally:
+        notice.stop()
         shutdown(runtime, exit_code, together=together or exit_code == 0)
     return exit_code
 

@@ -86,8 +86,10 @@ def kill_session(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def run(command: list[str], env: dict[str, str] | None = None, timeout: float = TIMEOUT) -> str:
-    code, output = finish(start(command, env), timeout)
+def run(
+    command: list[str], env: dict[str, str] | None = None, timeout: float = TIMEOUT, cwd: Path = ROOT
+) -> str:
+    code, output = finish(start(command, env, cwd=cwd), timeout)
     assert code == 0, f"{command} exited with {code}:\n{output[-5000:]}"
     return output
 

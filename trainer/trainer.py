@@ -111,6 +111,7 @@ class Trainer:
         self.preemption = Preemption(t.preemption_grace_seconds)
         self.step = 0
         self.saved_step: int | None = None  # the step of the last checkpoint handed to the writer
+        self.progress: tqdm | None = None
         grid = samples.grid_classes(self.num_classes)
         self.grid_z, self.grid_y = samples.fixed_inputs(
             cfg.model.z_dim, grid, t.sample_columns, t.seed, runtime.device
@@ -219,12 +220,14 @@ class Trainer:
             self._train()
         finally:
             self.preemption.uninstall()
+            if self.progress is not None:
+                self.progress.close()  # ends the bar's line: an error message after it starts its own
 
     def _train(self) -> None:
         cfg, t, device = self.cfg, self.cfg.trainer, self.runtime.device
         self.maybe_resume()
         batches = iter(self.stream)
-        progress = tqdm(
+        progress = self.progress = tqdm(
             total=t.max_steps,
             initial=self.step,
             disable=not self.runtime.is_main,
