@@ -60,6 +60,9 @@ SPOOL_PREFIX = "sagan-checkpoint-"  # + "<pid>-step_<N>-<random>.pt" in the temp
 SAFE_LEAVES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 # Settings that do not change the weights or what they compute: a checkpoint fits either way.
 MODEL_KEYS_NOT_COMPARED = ("num_classes", "attention_impl", "init")
+# Settings a resumed run keeps from its checkpoint whatever its config says (the data order goes on):
+# a new value would not take effect, so it is refused.
+KEPT_ON_RESUME = ("trainer.seed", "data.shuffle_block_shards")
 
 
 class CheckpointError(Exception):
@@ -155,6 +158,35 @@ def refuse_other_model(manifest: dict[str, Any], model: dict[str, Any], num_clas
             f"{where} was trained on {saved_classes} classes, this run has {num_classes}: "
             "use another checkpoint.url or the same dataset"
         )
+
+
+def refuse_settings_kept_on_resume(manifest: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """Raise a CheckpointError naming the first setting this run changes that a resume cannot apply."""
+    for key in KEPT_ON_RESUME:
+        saved, now = _setting(manifest.get("config", {}), key), _setting(config, key)
+        if saved is not None and saved != now:
+            raise CheckpointError(
+                f"{key}={now!r} but {where} was trained with {saved!r}, and a resumed run keeps it (its data "
+                f"order goes on): drop the override, or set checkpoint.resume=false to start over"
+            )
+
+
+def changed_settings(manifest: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """``key=new (checkpoint: old)`` for each trainer/data setting of this run that differs from the
+    checkpoint's: the ones a resumed run applies (learning rates, betas, batch size, ...)."""
+    saved_config = manifest.get("config", {})
+    changes = []
+    for section in ("trainer", "data"):
+        for key, now in config.get(section, {}).items():
+            saved = saved_config.get(section, {}).get(key, now)
+            if saved != now:
+                changes.append(f"{section}.{key}={now!r} (checkpoint: {saved!r})")
+    return changes
+
+
+def _setting(config: dict[str, Any], key: str) -> Any:
+    section, _, name = key.partition(".")
+    return config.get(section, {}).get(name)
 
 
 # --------------------------------------------------------------------------------------------------

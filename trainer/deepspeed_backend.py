@@ -33,7 +33,13 @@ from torch import nn
 
 from trainer.config import ConfigError, TrainerConfig
 from trainer.distributed import Runtime, ensure_process_group
-from trainer.gan_step import Update, batch_norm_groups, mean_over_ranks, total_grad_norm
+from trainer.gan_step import (
+    Update,
+    batch_norm_groups,
+    mean_over_ranks,
+    total_grad_norm,
+    use_configured_hyperparameters,
+)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by deepspeed when it is first imported
@@ -180,6 +186,8 @@ class DeepSpeedBackend:
             _load_module_state(engine, net, state[key])
             _load_adam_state(engine, net, state[f"opt_{key.lower()}"])
             _load_scaler_state(engine, state.get(f"scaler_{key.lower()}"))
+            lr, betas = (self.cfg.lr_g, self.cfg.betas_g) if key == "G" else (self.cfg.lr_d, self.cfg.betas_d)
+            use_configured_hyperparameters(engine.basic_optimizer, lr, betas)
 
 
 def _copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,17 @@ def mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
     return float(value)
 
 
+def use_configured_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, betas: list[float]) -> None:
+    """After loading a checkpoint's optimizer state (which carries its learning rate and betas), go on
+    with the ones this run is configured with: a resumed run's trainer.lr_*/betas_* take effect."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):  # a capturable or fused optimizer's tensor lr
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+        group["betas"] = tuple(betas)
+
+
 class BatchNormGroups(nn.Module):
     """G applied to consecutive groups of ``group_size`` samples: batch-norm statistics per group.
 
@@ -199,6 +210,8 @@ class DDPBackend:
         self.D.load_state_dict(state["D"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        use_configured_hyperparameters(self.opt_g, self.cfg.lr_g, self.cfg.betas_g)
+        use_configured_hyperparameters(self.opt_d, self.cfg.lr_d, self.cfg.betas_d)
         if state.get("scaler_g"):
             self.scaler_g.load_state_dict(state["scaler_g"])
         if state.get("scaler_d"):

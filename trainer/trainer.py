@@ -22,9 +22,11 @@ from trainer import samples
 from trainer.checkpoint import (
     Checkpointer,
     CheckpointError,
+    changed_settings,
     gather_rng_states,
     load_for_resume,
     refuse_other_model,
+    refuse_settings_kept_on_resume,
     restore_rng_state,
 )
 from trainer.config import Config, ConfigError, to_dict
@@ -206,12 +208,15 @@ class Trainer:
         step, state, manifest = found
         where = self.checkpointer.store.url_of(f"step_{step}")
         refuse_other_model(manifest, to_dict(self.cfg.model), self.num_classes, where)
+        refuse_settings_kept_on_resume(manifest, to_dict(self.cfg), where)
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"{where} does not fit this run: {first_line}") from None
         log.info("resumed from %s at step %d", where, self.step)
+        for change in changed_settings(manifest, to_dict(self.cfg)):
+            log.info("resumed with %s", change)  # these take effect from here on
 
     # --- the loop ----------------------------------------------------------------------------------
     def train(self) -> None:
