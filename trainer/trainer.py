@@ -15,7 +15,7 @@ from data_pipeline.errors import ObjectNotFound
 from data_pipeline.manifest import read_manifest
 from data_pipeline.prepare import parse_size, prepare
 from data_pipeline.storage import open_store
-from data_pipeline.stream import ShardStream
+from data_pipeline.stream import ShardStream, split_batch
 from models.ema import EMA
 from models.sagan import attention_gammas, build_models
 from trainer import samples
@@ -76,13 +76,17 @@ class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime):
         self.cfg, self.runtime = cfg, runtime
         t = cfg.trainer
-        if t.global_batch_size % runtime.world_size:
+        if t.global_batch_size < runtime.world_size:
             raise ConfigError(
-                f"trainer.global_batch_size={t.global_batch_size} is not divisible by the world size "
-                f"{runtime.world_size}"
+                f"trainer.global_batch_size={t.global_batch_size} is smaller than the world size "
+                f"{runtime.world_size}: every rank needs a sample"
             )
-        self.batch_size = t.global_batch_size // runtime.world_size
-        self.rank_slice = slice(runtime.rank * self.batch_size, (runtime.rank + 1) * self.batch_size)
+        # A world size that does not divide the global batch (an elastic job at any size) gives some ranks
+        # one sample more; the backends weight each rank's loss so the gradient is the global-batch mean.
+        batch_sizes = split_batch(t.global_batch_size, runtime.world_size)
+        self.batch_size = batch_sizes[runtime.rank]
+        first = sum(batch_sizes[: runtime.rank])
+        self.rank_slice = slice(first, first + self.batch_size)
         torch.manual_seed(t.seed)
         self.run_store = open_store(cfg.run.dir)  # a local folder or s3://: log, samples, evaluation
         self.stream = ShardStream(
@@ -92,6 +96,7 @@ class Trainer:
             batch_size=self.batch_size,
             seed=t.seed,
             resolution=cfg.model.resolution,
+            batch_sizes=batch_sizes,
         )
         self.num_classes = cfg.model.num_classes or self.stream.manifest.num_classes
         if cfg.model.num_classes and cfg.model.num_classes != self.stream.manifest.num_classes:
