@@ -47,7 +47,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.config import load_config
+    from trainer.config import first_use_target, load_config
     from trainer.coordination import FailureNotice, record_for_launcher
     from trainer.distributed import init_runtime, shutdown
     from trainer.preemption import Preempted
@@ -62,7 +62,7 @@ def _train(args: argparse.Namespace) -> int:
     exit_code, together = 1, False
     notice = FailureNotice(runtime)  # another rank's failure ends this one at once, with its message
     try:
-        ensure_dataset(cfg, runtime)
+        ensure_dataset(cfg, runtime, first_use_target(cfg, config_file, overrides))
         Trainer(cfg, runtime).train()
         exit_code = 0
     except Preempted as stop:  # every rank stopped at the same step, its checkpoint committed

@@ -112,19 +112,7 @@ NON_NEGATIVE = (
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The default config, updated by the YAML file at ``path`` and then by ``key=value`` overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
-        tree = loaded or {}
+    tree = _read_file(path)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -139,6 +127,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg
+
+
+def _read_file(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
+    return loaded or {}
+
+
+def first_use_target(cfg: Config, path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> str:
+    """The data.url that data.prepare_source may fill on first use: the data.url configured in the same
+    place as the source (the YAML file, or the built-in default), or any data.url when the command line
+    names the source itself. So a data.url given elsewhere (a typo on the command line, a file that sets
+    data.url but not the source) is never filled with a stock dataset."""
+    if "data.prepare_source" in {item.partition("=")[0].strip() for item in overrides}:
+        return cfg.data.url
+    data = _read_file(path).get("data")
+    if isinstance(data, dict) and "prepare_source" in data:
+        return str(data.get("url", DataConfig().url))
+    return DataConfig().url
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

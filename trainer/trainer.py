@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.errors import ObjectNotFound
-from data_pipeline.manifest import read_manifest
+from data_pipeline.errors import DataError, ObjectNotFound
+from data_pipeline.manifest import MANIFEST_NAME, read_manifest
 from data_pipeline.prepare import parse_size, prepare
 from data_pipeline.storage import open_store
 from data_pipeline.stream import ShardStream, split_batch
@@ -40,9 +40,24 @@ from trainer.run_log import RunLog
 log = logging.getLogger("trainer")
 
 
-def ensure_dataset(cfg: Config, runtime: Runtime) -> None:
-    """Prepare the configured dataset on first use (rank 0 only; the others wait for the manifest)."""
-    if not cfg.data.prepare_source or not runtime.is_main:
+def ensure_dataset(cfg: Config, runtime: Runtime, prepare_into: str | None = None) -> None:
+    """Prepare the configured dataset on first use (rank 0 only; the others wait for the manifest).
+
+    ``prepare_into`` (``config.first_use_target``) is the only data.url first use may fill; another one
+    without a dataset is an error on every rank, not a stock dataset written where the user mistyped.
+    """
+    source = cfg.data.prepare_source
+    if source and prepare_into is not None and cfg.data.url != prepare_into:
+        try:
+            read_manifest(cfg.data.url)
+        except ObjectNotFound:
+            raise DataError(
+                f"no dataset at {cfg.data.url} ({MANIFEST_NAME} is missing); data.prepare_source={source} "
+                f"prepares on first use only into the data.url configured with it ({prepare_into}): check "
+                f"data.url, or add data.prepare_source={source} to prepare {source} there"
+            ) from None
+        return
+    if not source or not runtime.is_main:
         return
     try:
         read_manifest(cfg.data.url)
