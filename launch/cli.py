@@ -50,6 +50,7 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.config import first_use_target, load_config
     from trainer.coordination import FailureNotice, record_for_launcher
     from trainer.distributed import init_runtime, shutdown
+    from trainer.nonfinite import Diverged
     from trainer.preemption import Preempted
     from trainer.trainer import Trainer, ensure_dataset
 
@@ -70,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
             print(f"sagan train: {stop}", file=sys.stderr, flush=True)
         exit_code, together = stop.exit_code, True
     except BaseException as err:
-        if not isinstance(err, USER_ERRORS):
+        if not isinstance(err, (*USER_ERRORS, Diverged)):
             log.exception("rank %d failed", runtime.rank)  # the traceback, for what no one foresaw
         message, exit_code = notice.publish(_one_line(err), 2 if isinstance(err, USER_ERRORS) else 1)
         print(f"sagan train: error: {message}", file=sys.stderr, flush=True)

@@ -256,7 +256,7 @@ def resolve(url: str | os.PathLike[str]) -> str:
 
 
 def load_for_resume(
-    checkpointer: Checkpointer, *, rank: int, world_size: int, resume: bool = True
+    checkpointer: Checkpointer, *, rank: int, world_size: int, resume: bool = True, at_most: int | None = None
 ) -> tuple[int, dict, dict] | None:
     """(step, state, manifest) to resume from, the same on every rank; None when there is none (or
     ``resume`` is false, in which case only the checkpoint URL is checked).
@@ -264,14 +264,14 @@ def load_for_resume(
     Rank 0 alone checks the URL, reads ``LATEST`` and chooses (falling back past unusable checkpoints),
     then tells the others which step to load, so all ranks resume from one committed checkpoint. A
     collective when ``world_size > 1``; rank 0's error is raised on every rank instead of leaving the
-    others waiting.
+    others waiting. ``at_most``: the newest checkpoint of that step or before.
     """
     found = None
     choice: int | str | None = None
     if rank == 0:
         try:
             checkpointer.check()
-            found = checkpointer.load_latest() if resume else None
+            found = checkpointer.load_latest(at_most) if resume else None
             choice = found[0] if found else None
         except CheckpointError as err:
             choice = str(err)
@@ -562,12 +562,15 @@ class Checkpointer:
         """(state, manifest) of ``step_<step>``, verified; CheckpointError when it is unusable."""
         return read_checkpoint(self.store, f"step_{step}")
 
-    def load_latest(self) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    def load_latest(self, at_most: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
         """(step, state, manifest) of ``LATEST``, or of the newest good checkpoint before it when that one
-        is missing or corrupt (said in a warning). None when there is no checkpoint at all."""
+        is missing or corrupt (said in a warning). None when there is no checkpoint at all. ``at_most``:
+        only checkpoints of that step or before count."""
         latest, committed = self.pointer(), self.committed_steps()
         older = [s for s in reversed(committed) if latest is None or s < latest]
         candidates = ([latest] if latest is not None else []) + older
+        if at_most is not None:
+            candidates = [s for s in candidates if s <= at_most]
         problems = []
         for step in candidates:
             try:

@@ -42,6 +42,8 @@ class TrainerConfig:
     bn_group_size: int = 0  # G's batch-norm statistics per group of this many samples; 0: the rank's batch
     timeout_seconds: int = 600  # a collective that waits longer fails the job instead of hanging it
     preemption_grace_seconds: float = 25.0  # SIGTERM/SIGINT to exit: finish the step, checkpoint, leave
+    nonfinite_reload_after: int = 100  # skipped updates in a row before reloading a checkpoint; 0: never
+    nonfinite_max_reloads: int = 3  # then the run stops: it diverges
 
 
 @dataclass
@@ -107,6 +109,8 @@ NON_NEGATIVE = (
     "metrics.port",
     "trainer.seed",
     "trainer.bn_group_size",
+    "trainer.nonfinite_reload_after",
+    "trainer.nonfinite_max_reloads",
 )
 
 

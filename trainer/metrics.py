@@ -51,6 +51,11 @@ class Metrics:
         self.nonfinite = Counter(
             "sagan_nonfinite_steps", "Updates skipped for a non-finite loss or gradient", registry=r
         )
+        self.nonfinite_reloads = Counter(
+            "sagan_nonfinite_reloads",
+            "Checkpoints reloaded after trainer.nonfinite_reload_after non-finite updates in a row",
+            registry=r,
+        )
         self.world_size = Gauge("sagan_world_size", "Processes in the job", registry=r)
         self.rank_info = Gauge(
             "sagan_rank_info", "Constant 1, labelled with this rank's identity",

@@ -34,6 +34,7 @@ from trainer.coordination import ControlGroup
 from trainer.distributed import Runtime
 from trainer.gan_step import make_backend
 from trainer.metrics import Metrics
+from trainer.nonfinite import Diverged, NonFiniteGuard
 from trainer.preemption import EXIT_SECONDS, Preempted, Preemption
 from trainer.run_log import RunLog
 
@@ -134,6 +135,7 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None  # the step of the last checkpoint handed to the writer
         self.progress: tqdm | None = None
+        self.nonfinite = NonFiniteGuard(t.nonfinite_reload_after, t.nonfinite_max_reloads)
         grid = samples.grid_classes(self.num_classes)
         self.grid_z, self.grid_y = samples.fixed_inputs(
             cfg.model.z_dim, grid, t.sample_columns, t.seed, runtime.device
@@ -272,11 +274,16 @@ class Trainer:
                 z, y_fake = self._noise(phase)
                 d_update = self.backend.d_step(real, y_real, z, y_fake)
                 self.metrics.nonfinite.inc(0 if d_update.applied else 1)
+                self.nonfinite.observe(d_update.applied, self.step)
             z, y_fake = self._noise(t.n_dis)
             g_update = self.backend.g_step(z, y_fake)
             self.metrics.nonfinite.inc(0 if g_update.applied else 1)
+            self.nonfinite.observe(g_update.applied, self.step)
             self.ema.update(self.backend.G, 0.0 if self.step < t.ema_start_step else t.ema_decay)
             self.step += 1
+            if self.nonfinite.reload_due:
+                self._reload_last_good()
+                continue
             self.metrics.record_step(time.perf_counter() - started, t.n_dis * self.batch_size, data_wait)
             progress.update()
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
@@ -294,6 +301,35 @@ class Trainer:
         if self.runtime.is_main:
             self.run_log.flush()
         self.wait_for_checkpoint()  # the job succeeds only once its last checkpoint is committed
+
+    def _reload_last_good(self) -> None:
+        """Every rank, at the same step: back to the newest checkpoint from before the run of non-finite
+        updates (weights, optimizers, EMA, step); the data stream goes on where it is."""
+        back_to = self.nonfinite.check_reload_allowed()
+        skipped = self.nonfinite.consecutive
+        self._wait_for_writer()  # a save in flight is committed (or failed) before choosing
+        found = load_for_resume(
+            self.checkpointer, rank=self.runtime.rank, world_size=self.runtime.world_size, at_most=back_to
+        )
+        if found is None:
+            raise Diverged(
+                f"{skipped} consecutive non-finite updates since step {back_to} and no checkpoint from before "
+                f"them at {self.checkpointer.url} to go back to: lower the learning rates or check the data"
+            )
+        step, state, _ = found
+        self.step = int(state["step"])
+        self.backend.load_state_dict(state["backend"])
+        self.ema.load_state_dict(state["G_ema"])
+        self.nonfinite.reloaded()
+        self.metrics.nonfinite_reloads.inc()
+        log.warning(
+            "%d consecutive non-finite updates since step %d: reloaded checkpoint step_%d (reload %d of %d); "
+            "the data stream goes on",
+            skipped, back_to, step, self.nonfinite.reloads, self.nonfinite.max_reloads,
+        )  # fmt: skip
+        if self.progress is not None:
+            self.progress.n = self.step
+            self.progress.refresh()
 
     def _stop_preempted(self, signum: int) -> None:
         """Every rank, at the same step: checkpoint it, wait for the commit until the grace period's deadline."""
