@@ -39,7 +39,7 @@ from trainer.distributed import Runtime
 log = logging.getLogger("trainer")
 
 POLL_SECONDS = 1.0
-ACK_SECONDS = 5.0  # a failing rank waits this long at most for the others to read its message
+ACK_SECONDS = 3.0  # a failing rank 0 (it may host the store) waits this long at most for the others to read
 
 
 class ControlGroup:
@@ -130,12 +130,12 @@ class FailureNotice:
             )
         except (dist.DistError, RuntimeError, ValueError):  # the store is gone with its host: say ours
             return mine, exit_code
-        if first["rank"] == rank:
+        if first["rank"] == rank == 0:
             self._await_readers()
         return first["message"], int(first["code"])
 
     def _await_readers(self) -> None:
-        """Give the other ranks a moment to read the message (rank 0 may host the store)."""
+        """Give the other ranks a moment to read the message: the store may live in this process."""
         deadline = time.monotonic() + ACK_SECONDS
         while time.monotonic() < deadline:
             try:
