@@ -21,6 +21,7 @@ failure of the job, not the broken connection it saw as a consequence.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -39,6 +40,7 @@ from trainer.distributed import Runtime
 log = logging.getLogger("trainer")
 
 POLL_SECONDS = 1.0
+PUBLISH_SECONDS = 5.0  # for writing a failure to the store (behind a cut link it never answers)
 ACK_SECONDS = 3.0  # a failing rank 0 (it may host the store) waits this long at most for the others to read
 
 
@@ -116,20 +118,28 @@ class FailureNotice:
 
     def publish(self, message: str, exit_code: int) -> tuple[str, int]:
         """Tell the other ranks this rank failed; returns the (message, exit status) to report: the first
-        failure of the job, which may be another rank's that this one only followed."""
+        failure of the job, which may be another rank's that this one only followed. Bounded: a store
+        behind a cut link is given ``PUBLISH_SECONDS``, then this rank reports its own failure."""
+        rank = self.runtime.rank
+        mine = message if message.startswith(f"rank {rank} ") else f"rank {rank}: {message}"
         if self.store is None:
             return message, exit_code
         self._stopping.set()
-        rank = self.runtime.rank
-        mine = message if message.startswith(f"rank {rank} ") else f"rank {rank}: {message}"
-        try:
-            first = json.loads(
-                self.store.compare_set(
-                    self.key, "", json.dumps({"message": mine, "code": exit_code, "rank": rank})
-                )
-            )
-        except (dist.DistError, RuntimeError, ValueError):  # the store is gone with its host: say ours
+        notice = json.dumps({"message": mine, "code": exit_code, "rank": rank})
+        answer: list[dict[str, Any]] = []
+
+        def exchange() -> None:
+            with contextlib.suppress(
+                dist.DistError, RuntimeError, ValueError
+            ):  # the store is gone with its host
+                answer.append(json.loads(self.store.compare_set(self.key, "", notice)))
+
+        writer = threading.Thread(target=exchange, name="failure-publish", daemon=True)
+        writer.start()
+        writer.join(PUBLISH_SECONDS)
+        if not answer:
             return mine, exit_code
+        first = answer[0]
         if first["rank"] == rank == 0:
             self._await_readers()
         return first["message"], int(first["code"])
