@@ -33,6 +33,7 @@ WRITES = ("PUT", "POST", "DELETE")
 KINDS = ("delay", "reset", "lost_response", "error_500", "error_503", "truncate")
 DELAY_SECONDS = 0.2
 ERROR_BODIES = {
+    403: ("AccessDenied", "Access Denied"),  # scripted only (a bucket policy changed mid-run): not retried
     500: ("InternalError", "We encountered an internal error. Please try again."),
     503: ("SlowDown", "Please reduce your request rate."),
 }
@@ -167,11 +168,11 @@ class FaultProxy:
                 elif kind == "reset":
                     _reset(client)
                     break
-                elif kind in ("error_500", "error_503"):
+                elif kind in ("error_403", "error_500", "error_503"):
                     if headers.get("expect", "").lower() != "100-continue":
                         for _ in reader.body(headers):
                             pass
-                    client.sendall(_error_response(500 if kind == "error_500" else 503))
+                    client.sendall(_error_response(int(kind.removeprefix("error_"))))
                     break
                 elif kind == "lost_response":
                     pump.arm("lost_response")
@@ -317,7 +318,7 @@ def _error_response(status: int) -> bytes:
         f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
         f"<RequestId>fault-proxy</RequestId></Error>"
     ).encode()
-    reason = "Internal Server Error" if status == 500 else "Slow Down"
+    reason = {403: "Forbidden", 500: "Internal Server Error", 503: "Slow Down"}[status]
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
