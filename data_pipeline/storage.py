@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import random
+import re
 import secrets
 import shutil
 import threading
@@ -107,6 +108,11 @@ def open_store(
     if not isinstance(url, str) or not url.strip():
         raise DataError(f"empty data URL {url!r}: give a local folder or s3://bucket/prefix")
     parsed = urlparse(url)
+    if redact(url) != url:
+        raise DataError(
+            f"{redact(url)} carries credentials: remove the user:password@ part (a URL ends up in logs and "
+            "in the config saved with checkpoints) and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     if parsed.scheme == "s3":
         bucket, prefix = parsed.netloc, parsed.path.strip("/")
         if not bucket:
@@ -117,6 +123,37 @@ def open_store(
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise DataError(f"unsupported URL scheme in {url!r}: use a local path or s3://bucket/prefix")
     return LocalStore(url)
+
+
+# scheme://user:password@host, also with a password holding "/" (as AWS secret keys may)
+_USERINFO = re.compile(r"(?<=://)(?:[^/@:]+:[^@]*|[^/@]*)@")
+
+
+def redact(url: str) -> str:
+    """``url`` with the credentials of a ``scheme://user:password@host`` replaced by ``***``."""
+    return _USERINFO.sub("***@", url)
+
+
+def scrub_credentials(text: str) -> str:
+    """``text`` without the values of the AWS credential variables (for anything shown or logged)."""
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        value = os.environ.get(name, "")
+        if len(value) >= 8:  # a shorter value is a placeholder, and would mangle ordinary words
+            text = text.replace(value, f"<{name}>")
+    return redact(text)
+
+
+class CredentialFilter(logging.Filter):
+    """A logging filter that scrubs credentials from every record a handler writes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = scrub_credentials(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # the traceback, as the handler would format it
+            record.exc_text = scrub_credentials(logging.Formatter().formatException(record.exc_info))
+        return True
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -217,6 +254,11 @@ def _s3_client() -> Any:
     their own (a connection pool must not cross a fork) from the inherited session (cheap)."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if endpoint and redact(endpoint) != endpoint:
+        raise DataError(
+            f"the S3 endpoint {redact(endpoint)} (AWS_ENDPOINT_URL) carries credentials: remove the "
+            "user:password@ part and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     env = (endpoint, region, *(os.environ.get(name) for name in _CREDENTIAL_VARIABLES))
     key = (os.getpid(), env)
     with _clients_lock:
@@ -241,7 +283,9 @@ def _s3_client() -> Any:
         try:
             client = session.client("s3", region_name=region, config=config)
         except ValueError as exc:  # botocore raises ValueError for a malformed endpoint URL
-            raise DataError(f"cannot use S3 endpoint {endpoint!r}: {exc}") from None
+            raise DataError(
+                f"cannot use S3 endpoint {redact(endpoint)!r}: {scrub_credentials(str(exc))}"
+            ) from None
         client.meta.events.register("before-parse.s3.*", _refuse_short_bodies)
         _clients.clear()  # clients of a parent process or an older environment are not reusable
         _clients[key] = client

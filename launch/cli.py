@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from data_pipeline.errors import DataError
+from data_pipeline.storage import CredentialFilter, scrub_credentials
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError
 
@@ -24,10 +25,11 @@ def _report(command: str, err: BaseException) -> int:
 
 
 def _one_line(err: BaseException) -> str:
-    """The first line of an error, without the ``[file.cc:123] `` prefix of torch's C++ errors."""
+    """The first line of an error, without the ``[file.cc:123] `` prefix of torch's C++ errors, and
+    without credentials."""
     text = str(err).strip()
     line = text.splitlines()[0] if text else type(err).__name__
-    return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", line)
+    return scrub_credentials(re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", line))
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -127,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(CredentialFilter())
     try:
         return args.run(args)
     except USER_ERRORS as err:

@@ -71,13 +71,18 @@ def _missing_tool(message: str) -> None:
     pytest.skip(message)
 
 
-def _start(command: list[str], log_path: Path) -> tuple[subprocess.Popen, str] | None:
+def _start(
+    command: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str] | None:
     """Start moto on a free port and wait until it answers; None if it exited (the port was taken)."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [*command, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+            [*command, "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
     deadline = time.monotonic() + MOTO_START_SECONDS
     while process.poll() is None:

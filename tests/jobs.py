@@ -21,7 +21,7 @@ SAGAN = str(BIN / "sagan")
 TORCHRUN = str(BIN / "torchrun")
 TIMEOUT = 300  # no single job of these tests runs longer
 TINY = [
-    "configs/smoke.yaml",
+    str(ROOT / "configs/smoke.yaml"),
     "model.g_channels=8",
     "model.d_channels=8",
     "model.z_dim=16",

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.errors import DataError, ObjectNotFound
-from data_pipeline.storage import LocalStore, Store, open_store, split_url
+from data_pipeline.storage import LocalStore, Store, open_store, redact, split_url
 
 if TYPE_CHECKING:
     from trainer.metrics import Metrics
@@ -650,7 +650,7 @@ def _open(url: str) -> Store:
     try:
         return open_store(url)
     except DataError as err:
-        raise CheckpointError(f"checkpoint URL {url!r}: {err}") from None
+        raise CheckpointError(f"checkpoint URL {redact(url)!r}: {err}") from None
 
 
 def _split(url: str) -> tuple[str, str]:
