@@ -7,6 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from data_pipeline.untrusted import check_image_size
+
 RESAMPLE = Image.Resampling.LANCZOS
 
 
@@ -33,11 +35,13 @@ _SIGNATURES = {b"\x89PNG": ("PNG",), b"\xff\xd8\xff": ("JPEG",)}
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    """Decode any format Pillow reads into RGB; raises on undecodable bytes (any exception type)."""
+    """Decode any format Pillow reads into RGB; raises on undecodable bytes (any exception type) and on
+    a header declaring more than ``untrusted.MAX_IMAGE_PIXELS``."""
     formats = next(
         (f for sig, f in _SIGNATURES.items() if data.startswith(sig)), None
     )  # skips format probing
     with Image.open(io.BytesIO(data), formats=formats) as image:
+        check_image_size(image)  # from the header, before a pixel is decoded
         image.load()
         return image if image.mode == "RGB" else image.convert("RGB")
 

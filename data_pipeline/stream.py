@@ -334,13 +334,16 @@ class _BatchReader:
         results: dict[int, Encoded] = {}
         last = min(max(offsets), info.num_samples - 1)
         missing = "truncated"
+        whole: bool | None = None  # the shard matches its manifest; None: not read whole, not checked
         try:
-            with self.store.open_read(info.name) as stream:
+            with self.store.open_read(info.name) as raw:
+                stream = shards.Checksummed(raw)
                 for offset, files in enumerate(shards.samples(stream)):
                     if offset in offsets:
                         results[start + offset] = files
                     if offset >= last:
                         break
+                whole = stream.matches(info.num_bytes, info.sha256)
         except DataError as exc:
             if not self.skip_unreachable:
                 hint = (
@@ -351,6 +354,9 @@ class _BatchReader:
             self.log_once(shard, "skipping unreachable shard %s: %s", url, exc)
         except (shards.ShardDamaged, OSError) as exc:
             self.log_once(shard, "skipping the samples after the end of damaged shard %s: %s", url, exc)
+        if whole is False:  # not the bytes `sagan prepare` wrote: none of its samples is trusted
+            self.log_once(shard, "skipping shard %s: its size or sha256 differs from the manifest's", url)
+            results, missing = {}, "checksum"
         lost = [offset for offset in offsets if start + offset not in results]
         if lost and missing == "truncated":
             self.log_once(
@@ -398,7 +404,7 @@ class _BatchReader:
         labels = np.empty(len(samples), dtype=np.int64)
         results = [self.decode(next(b[g] for b in blocks if g in b)) for g in samples.tolist()]
         for g, (_, _, reason) in zip(samples, results):
-            if reason and reason not in ("truncated", "unreachable"):  # those were logged when read
+            if reason and reason not in ("truncated", "unreachable", "checksum"):  # logged when read
                 shard = self.shard_of(int(g))
                 self.log_once(
                     shard,

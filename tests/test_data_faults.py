@@ -6,6 +6,8 @@ the connections whose HTTP request names a chosen shard."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import itertools
 import logging
@@ -20,7 +22,7 @@ from PIL import Image
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import read_manifest
+from data_pipeline.manifest import read_manifest, write_manifest
 from data_pipeline.prepare import prepare
 from data_pipeline.storage import open_store
 from data_pipeline.stream import DataConfig, ShardStream
@@ -148,6 +150,21 @@ def test_a_deleted_shard_fails_naming_it(id_dataset, s3_env):
         one_epoch(DataConfig(url=id_dataset, prepare_source="", num_workers=0))
 
 
+def recommit(url: str, indices: list[int]) -> None:
+    """Write the manifest again with the current size and sha256 of shards ``indices``."""
+    manifest, store = read_manifest(url), open_store(url)
+    shards = list(manifest.shards)
+    for index in indices:
+        data = store.read_bytes(shards[index].name)
+        shards[index] = dataclasses.replace(
+            shards[index], num_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+        )
+    write_manifest(
+        url, shards, image_size=manifest.image_size, num_classes=manifest.num_classes, source=manifest.source,
+        classes=manifest.classes,
+    )  # fmt: skip
+
+
 @pytest.fixture
 def corrupt_dataset(tmp_path) -> tuple[str, dict[str, set[int]]]:
     """A local copy of the id dataset with one sample per kind of damage and a truncated shard."""
@@ -204,6 +221,7 @@ def corrupt_dataset(tmp_path) -> tuple[str, dict[str, set[int]]]:
         return out
 
     rewrite(0, damage)
+    recommit(url, [0])  # damaged when prepared: the manifest lists these bytes
     name = manifest.shards[1].name
     whole = store.read_bytes(name)
     pngs_before_cut = shard_ids(whole)[:5]
