@@ -124,8 +124,8 @@ def test_a_checkpoint_upload_slower_than_the_collective_timeout_does_not_end_the
     """Rank 0 uploads for longer than trainer.timeout_seconds, twice (a save while the previous one is
     still written, and the final one); rank 1 meanwhile waits in collectives that each last a second."""
     url = f"s3://{s3_bucket}/run/checkpoints"
-    timeout = 10
-    slow = fault_proxy.add(Rule("delay", match=b"/state.pt", methods=("PUT",), seconds=timeout + 5, times=2))
+    timeout = 8
+    slow = fault_proxy.add(Rule("delay", match=b"/state.pt", methods=("PUT",), seconds=timeout + 3, times=2))
     env = {**moto_server.env, "AWS_ENDPOINT_URL": fault_proxy.endpoint}
     command = [
         TORCHRUN, "--standalone", "--nproc-per-node=2", "--no-python", SAGAN, "train",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import subprocess
 import urllib.request
 
 import pytest
@@ -53,14 +52,6 @@ def authenticating_s3(tmp_path_factory):
     process.wait(timeout=10)
 
 
-def sagan(*args: str, env: dict[str, str], cwd) -> subprocess.CompletedProcess:
-    from jobs import environment
-
-    return subprocess.run(
-        [SAGAN, *args], env=environment(env), cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_wrong_credentials_and_urls_carrying_them_are_one_line_errors_that_show_none(
     authenticating_s3, digits_data, tmp_path
 ):
@@ -92,10 +83,13 @@ def test_wrong_credentials_and_urls_carrying_them_are_one_line_errors_that_show_
             "(AWS_ENDPOINT_URL) carries credentials",
         ),
     }  # fmt: skip
-    for case, (args, endpoint, message) in cases.items():
-        result = sagan(*args, env=canary_env(endpoint), cwd=tmp_path)
-        output = result.stdout + result.stderr
-        assert result.returncode == 2, f"{case}: {output[-3000:]}"
+    jobs = {
+        case: start([SAGAN, *args], canary_env(endpoint), cwd=tmp_path)
+        for case, (args, endpoint, _) in cases.items()
+    }
+    for case, (args, _, message) in cases.items():  # all at once: each only starts and refuses
+        code, output = finish(jobs[case])
+        assert code == 2, f"{case}: {output[-3000:]}"
         (line,) = error_lines(output, args[0])
         assert message in line and "Traceback" not in output, f"{case}: {output[-3000:]}"
         assert_no_credentials(f"the output of {case}", output)
