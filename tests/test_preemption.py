@@ -56,6 +56,8 @@ def test_a_signal_mid_run_checkpoints_the_step_reached_and_a_restart_continues(s
     assert load_folder(checkpoints / f"step_{step}")[0]["step"] == step
     assert read_run_log(run_dir).column("step").to_pylist() == list(range(1, step + 1))
 
+    if sig == signal.SIGINT:
+        return  # the restart is the same after either signal
     output = run([SAGAN, "train", *args(digits_data, run_dir, f"trainer.max_steps={step + 2}")])
     assert f"resumed from {checkpoints / f'step_{step}'} at step {step}" in output
     assert read_run_log(run_dir).column("step").to_pylist() == list(range(1, step + 3))
