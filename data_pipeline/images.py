@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.errors import DataError
+from data_pipeline.untrusted import check_image_size
 
 FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
@@ -69,12 +70,20 @@ def _pillow_formats(data: bytes) -> tuple[str, ...] | None:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """The image in ``data``, header read, pixels not decoded yet (raises on bytes Pillow cannot read)."""
-    return Image.open(io.BytesIO(data), formats=_pillow_formats(data))
+    """The image in ``data``, header read, pixels not decoded yet (raises on bytes Pillow cannot read and
+    on a header declaring more than ``untrusted.MAX_IMAGE_PIXELS``, before a pixel is decoded)."""
+    image = Image.open(io.BytesIO(data), formats=_pillow_formats(data))
+    try:
+        check_image_size(image)
+    except BaseException:
+        image.close()
+        raise
+    return image
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    """Decode any format Pillow reads into RGB; raises on undecodable bytes (any exception type)."""
+    """Decode any format Pillow reads into RGB; raises on undecodable bytes (any exception type) and on
+    a header declaring more than ``untrusted.MAX_IMAGE_PIXELS``."""
     with open_image(data) as image:
         image.load()
         return image if image.mode == "RGB" else image.convert("RGB")

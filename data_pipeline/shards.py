@@ -9,12 +9,16 @@ at a member boundary without the end-of-archive blocks is accepted, as webdatase
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
 from webdataset.tariterators import base_plus_ext
 
+from data_pipeline.untrusted import UnsafeInput, check_member_name
+
 BLOCK = 512
+VERIFY_TAIL_BYTES = 64 * 1024  # read this much of a shard beyond the samples wanted, to check it whole
 _REGULAR = (b"0", b"\0", b"7")
 _ZERO_BLOCK = bytes(BLOCK)
 
@@ -77,6 +81,11 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if len(data) < size + padding:
             raise ShardDamaged(f"the stream ends inside a tar member ({len(data)} of {size} bytes)", name)
         data = data[:size]
+        if name is not None and kind in _REGULAR:
+            try:
+                check_member_name(name)
+            except UnsafeInput as unsafe:  # not written by `sagan prepare`: the rest is not trusted either
+                raise ShardDamaged(str(unsafe), name) from None
         if kind == b"x":
             pax = _pax_records(data)
         elif kind == b"L":
@@ -109,3 +118,25 @@ def samples(stream: BinaryIO) -> Iterator[dict[str, bytes]]:
         raise
     if key is not None:
         yield files
+
+
+class Checksummed:
+    """A reader that counts and hashes what is read through it, to check a shard against its manifest."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream, self.digest, self.count = stream, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        self.count += len(data)
+        return data
+
+    def matches(self, num_bytes: int, sha256: str) -> bool | None:
+        """Whether the whole shard has ``num_bytes`` and ``sha256``, reading what is left when that is at
+        most ``VERIFY_TAIL_BYTES``; None when more is left unread (the check would cost a read)."""
+        if num_bytes - self.count > VERIFY_TAIL_BYTES:
+            return None
+        while self.count <= num_bytes and self.read(1 << 16):
+            pass
+        return self.count == num_bytes and self.digest.hexdigest() == sha256

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
+import logging
 import os
 import random
+import re
 import secrets
 import shutil
 import threading
@@ -36,6 +38,7 @@ MULTIPART_THRESHOLD_BYTES = 16 * 2**20
 MULTIPART_CHUNK_BYTES = 16 * 2**20
 
 T = TypeVar("T")
+log = logging.getLogger("data_pipeline")
 
 _retry_lock = threading.Lock()
 _retries = 0
@@ -107,6 +110,11 @@ def open_store(
     if not isinstance(url, str) or not url.strip():
         raise DataError(f"empty data URL {url!r}: give a local folder or s3://bucket/prefix")
     parsed = urlparse(url)
+    if redact(url) != url:
+        raise DataError(
+            f"{redact(url)} carries credentials: remove the user:password@ part (a URL ends up in logs and "
+            "in the config saved with checkpoints) and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     if parsed.scheme == "s3":
         bucket, prefix = parsed.netloc, parsed.path.strip("/")
         if not bucket:
@@ -117,6 +125,37 @@ def open_store(
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise DataError(f"unsupported URL scheme in {url!r}: use a local path or s3://bucket/prefix")
     return LocalStore(url)
+
+
+# scheme://user:password@host, also with a password holding "/" (as AWS secret keys may)
+_USERINFO = re.compile(r"(?<=://)(?:[^/@:]+:[^@]*|[^/@]*)@")
+
+
+def redact(url: str) -> str:
+    """``url`` with the credentials of a ``scheme://user:password@host`` replaced by ``***``."""
+    return _USERINFO.sub("***@", url)
+
+
+def scrub_credentials(text: str) -> str:
+    """``text`` without the values of the AWS credential variables (for anything shown or logged)."""
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        value = os.environ.get(name, "")
+        if len(value) >= 8:  # a shorter value is a placeholder, and would mangle ordinary words
+            text = text.replace(value, f"<{name}>")
+    return redact(text)
+
+
+class CredentialFilter(logging.Filter):
+    """A logging filter that scrubs credentials from every record a handler writes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = scrub_credentials(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # the traceback, as the handler would format it
+            record.exc_text = scrub_credentials(logging.Formatter().formatException(record.exc_info))
+        return True
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -217,6 +256,11 @@ def _s3_client() -> Any:
     their own (a connection pool must not cross a fork) from the inherited session (cheap)."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if endpoint and redact(endpoint) != endpoint:
+        raise DataError(
+            f"the S3 endpoint {redact(endpoint)} (AWS_ENDPOINT_URL) carries credentials: remove the "
+            "user:password@ part and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
     env = (endpoint, region, *(os.environ.get(name) for name in _CREDENTIAL_VARIABLES))
     key = (os.getpid(), env)
     with _clients_lock:
@@ -241,10 +285,25 @@ def _s3_client() -> Any:
         try:
             client = session.client("s3", region_name=region, config=config)
         except ValueError as exc:  # botocore raises ValueError for a malformed endpoint URL
-            raise DataError(f"cannot use S3 endpoint {endpoint!r}: {exc}") from None
+            raise DataError(
+                f"cannot use S3 endpoint {redact(endpoint)!r}: {scrub_credentials(str(exc))}"
+            ) from None
+        client.meta.events.register("before-parse.s3.*", _refuse_short_bodies)
         _clients.clear()  # clients of a parent process or an older environment are not reusable
         _clients[key] = client
         return client
+
+
+def _refuse_short_bodies(response_dict: dict[str, Any], operation_model: Any, **_: Any) -> None:
+    """botocore reads whole (non-streaming) answers without checking Content-Length, so a listing cut
+    short by a dropped connection would parse as a shorter listing: make that a retried failure."""
+    from botocore.exceptions import IncompleteReadError
+
+    if operation_model.has_streaming_output or operation_model.http.get("method") == "HEAD":
+        return  # streamed bodies are checked by _S3ObjectReader; HEAD has none
+    expected, body = response_dict["headers"].get("content-length"), response_dict["body"]
+    if expected is not None and isinstance(body, bytes) and len(body) != int(expected):
+        raise IncompleteReadError(actual_bytes=len(body), expected_bytes=int(expected))
 
 
 class _ShortRead(Exception):
@@ -302,6 +361,7 @@ class S3Store(Store):
     # -- errors and retries --------------------------------------------------------------------------
     def permanent_error(self, exc: BaseException, url: str) -> DataError | None:
         """The DataError for a failure that retrying cannot fix, or None when it is worth retrying."""
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import (
             ClientError,
             NoCredentialsError,
@@ -311,6 +371,9 @@ class S3Store(Store):
 
         if isinstance(exc, DataError):
             return exc
+        if isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
+            # upload_file wraps the ClientError of the request that failed (a 503 SlowDown, say): judge that
+            return self.permanent_error(exc.__context__, url)
         if isinstance(exc, NoCredentialsError | PartialCredentialsError):
             return DataError(
                 f"no S3 credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
@@ -394,10 +457,31 @@ class S3Store(Store):
             multipart_threshold=MULTIPART_THRESHOLD_BYTES, multipart_chunksize=MULTIPART_CHUNK_BYTES
         )
         key = self.key_of(name)
+        retries_before = self.retries
         self.retrying(
             self.url_of(name),
             lambda: _s3_client().upload_file(str(path), self.bucket, key, Config=transfer),
         )
+        if self.retries != retries_before and os.path.getsize(path) >= MULTIPART_THRESHOLD_BYTES:
+            self.abort_orphaned_parts(key)
+
+    def abort_orphaned_parts(self, key: str) -> None:
+        """Abort the unfinished multipart uploads of ``key``: the parts of attempts that failed (boto3
+        aborts them itself unless that request failed too), which S3 would otherwise keep and bill."""
+
+        def abort_all() -> None:
+            client = _s3_client()
+            listing = client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
+            for upload in listing.get("Uploads", []):
+                if upload["Key"] == key:
+                    client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload["UploadId"])
+
+        try:
+            self.retrying(f"s3://{self.bucket}/{key}", abort_all)
+        except DataError as err:  # the object is committed; stray parts are only a cost
+            log.warning(
+                "could not abort unfinished multipart uploads of s3://%s/%s: %s", self.bucket, key, err
+            )
 
     def exists(self, name: str) -> bool:
         key = self.key_of(name)

@@ -5,10 +5,11 @@ permuted, grouped into blocks of ``shuffle_block_shards`` consecutive shards, an
 block are permuted jointly. The stream's position is the set of positions of S not consumed yet,
 kept as intervals ``(epoch, start, end)``.
 
-A *segment* splits the remaining positions (total R) over W ranks with per-rank batch B:
-``steps = R // (W*B)``; rank r takes the r-th contiguous run of ``steps*B`` positions and every rank
-yields exactly ``steps`` batches; the tail (< W*B) is dropped or, with ``remainder="wrap"``, carried
-into the next epoch's segment. Within a rank the run is cut into contiguous per-worker runs of whole
+A *segment* splits the remaining positions (total R) over W ranks with per-rank batches b_0..b_{W-1}
+(a global batch G = sum b_r that W does not divide gives the first G % W ranks one sample more, see
+``split_batch``): ``steps = R // G``; rank r takes the r-th contiguous run of ``steps*b_r`` positions
+and every rank yields exactly ``steps`` batches; the tail (< G) is dropped or, with
+``remainder="wrap"``, carried into the next epoch's segment. Within a rank the run is cut into contiguous per-worker runs of whole
 batches, and the rank's batch order is torch's DataLoader round-robin over them (batch j comes from
 worker j % num_workers). All ranks consume batches in lockstep, so after k batches every rank knows
 the consumed set without talking to the others: that is ``state_dict()``, and ``load_state_dict()``
@@ -64,6 +65,14 @@ class DataConfig:
     prefetch_factor: int = 2
     retry_backoff_seconds: float = 0.5  # first S3 retry waits about this long, doubling each time
     decode_device: str = "cpu"  # cpu | cuda: JPEG shards decoded on the GPU by torchvision (else the CPU)
+
+
+def split_batch(global_batch: int, world_size: int) -> list[int]:
+    """Each rank's share of a global batch: equal, the first ``global_batch % world_size`` ranks one more."""
+    if global_batch < world_size:
+        raise ValueError(f"a global batch of {global_batch} cannot give each of {world_size} ranks a sample")
+    base, extra = divmod(global_batch, world_size)
+    return [base + (rank < extra) for rank in range(world_size)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +145,7 @@ class EpochOrder:
 class Segment:
     intervals: list[Interval]  # the positions not yet consumed when the segment started
     world_size: int
-    batch_size: int
+    batch_sizes: tuple[int, ...]  # per rank
     num_runs: int  # per rank: max(1, num_workers)
     steps: int  # batches per rank: as many global batches as fit, or 1 for the step that wraps an epoch
 
@@ -144,14 +153,13 @@ class Segment:
     def plan(
         cls,
         intervals: list[Interval],
-        world_size: int,
-        batch_size: int,
+        batch_sizes: tuple[int, ...],
         num_runs: int,
         *,
         wrap_step: bool = False,
     ) -> Segment:
-        steps = total(intervals) // (world_size * batch_size)
-        return cls(intervals, world_size, batch_size, num_runs, min(steps, 1) if wrap_step else steps)
+        steps = total(intervals) // sum(batch_sizes)
+        return cls(intervals, len(batch_sizes), batch_sizes, num_runs, min(steps, 1) if wrap_step else steps)
 
     def run_lengths(self) -> list[int]:
         """Batches of each per-worker run; the first ``steps % num_runs`` runs get one more."""
@@ -167,7 +175,9 @@ class Segment:
 
     def run_start(self, rank: int, run: int) -> int:
         """First position (in the concatenated intervals) of a rank's run."""
-        return (rank * self.steps + sum(self.run_lengths()[:run])) * self.batch_size
+        return (
+            self.steps * sum(self.batch_sizes[:rank]) + sum(self.run_lengths()[:run]) * self.batch_sizes[rank]
+        )
 
     def consumed(self, batches: int) -> list[int]:
         """Batches taken from each run after the rank consumed ``batches`` batches."""
@@ -178,20 +188,20 @@ class Segment:
 
     def remaining(self, batches: int) -> list[Interval]:
         """The positions still unconsumed (by any rank) after every rank consumed ``batches`` batches."""
-        counts, lengths, b = self.consumed(batches), self.run_lengths(), self.batch_size
+        counts, lengths = self.consumed(batches), self.run_lengths()
         left: list[Interval] = []
-        for rank in range(self.world_size):
+        for rank, b in enumerate(self.batch_sizes):
             for run in range(self.num_runs):
                 start = self.run_start(rank, run)
                 left += take(self.intervals, start + counts[run] * b, start + lengths[run] * b)
-        left += take(self.intervals, self.world_size * self.steps * b, total(self.intervals))
+        left += take(self.intervals, self.steps * sum(self.batch_sizes), total(self.intervals))
         return merge(left)
 
     def tasks(self, rank: int, batches: int) -> list[list[tuple[int, list[Interval]]]]:
         """Work for a fresh DataLoader continuing after ``batches`` batches: per worker slot, its
         (batch index, positions) in order. Slots are the runs rotated so that the DataLoader's
         round-robin, which starts at worker 0, continues the rank's batch order exactly."""
-        order, b = self.batch_order(), self.batch_size
+        order, b = self.batch_order(), self.batch_sizes[rank]
         if batches >= len(order):
             return [[] for _ in range(self.num_runs)]
         first_run = order[batches][0]
@@ -345,13 +355,16 @@ class _BatchReader:
         results: dict[int, Encoded] = {}
         last = min(max(offsets), info.num_samples - 1)
         missing = "truncated"
+        whole: bool | None = None  # the shard matches its manifest; None: not read whole, not checked
         try:
-            with self.store.open_read(info.name) as stream:
+            with self.store.open_read(info.name) as raw:
+                stream = shards.Checksummed(raw)
                 for offset, files in enumerate(shards.samples(stream)):
                     if offset in offsets:
                         results[start + offset] = files
                     if offset >= last:
                         break
+                whole = stream.matches(info.num_bytes, info.sha256)
         except DataError as exc:
             if not self.skip_unreachable:
                 hint = (
@@ -362,6 +375,9 @@ class _BatchReader:
             self.log_once(shard, "skipping unreachable shard %s: %s", url, exc)
         except (shards.ShardDamaged, OSError) as exc:
             self.log_once(shard, "skipping the samples after the end of damaged shard %s: %s", url, exc)
+        if whole is False:  # not the bytes `sagan prepare` wrote: none of its samples is trusted
+            self.log_once(shard, "skipping shard %s: its size or sha256 differs from the manifest's", url)
+            results, missing = {}, "checksum"
         lost = [offset for offset in offsets if start + offset not in results]
         if lost and missing == "truncated":
             self.log_once(
@@ -415,7 +431,7 @@ class _BatchReader:
         labels = np.empty(len(samples), dtype=np.int64)
         results = [self.decode(next(b[g] for b in blocks if g in b)) for g in samples.tolist()]
         for g, (_, _, reason) in zip(samples, results):
-            if reason and reason not in ("truncated", "unreachable"):  # those were logged when read
+            if reason and reason not in ("truncated", "unreachable", "checksum"):  # logged when read
                 shard = self.shard_of(int(g))
                 self.log_once(
                     shard,
@@ -463,13 +479,27 @@ class ShardStream:
     """This rank's infinite stream of (images uint8 (B,3,R,R), labels int64 (B,)) batches."""
 
     def __init__(
-        self, cfg: DataConfig, *, rank: int, world_size: int, batch_size: int, seed: int, resolution: int
+        self,
+        cfg: DataConfig,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        seed: int,
+        resolution: int,
+        batch_sizes: list[int] | None = None,
     ):
+        """``batch_size`` is this rank's; ``batch_sizes`` every rank's when they differ (``split_batch``)."""
         _check_config(cfg)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-        if batch_size < 1:
-            raise ValueError(f"batch size must be positive, got {batch_size}")
+        self.batch_sizes = tuple(batch_sizes or [batch_size] * world_size)
+        if len(self.batch_sizes) != world_size or self.batch_sizes[rank] != batch_size:
+            raise ValueError(
+                f"batch sizes {self.batch_sizes} do not give rank {rank} of {world_size} {batch_size}"
+            )
+        if min(self.batch_sizes) < 1:
+            raise ValueError(f"batch sizes must be positive, got {self.batch_sizes}")
         self.cfg, self.rank, self.world_size, self.batch_size = cfg, rank, world_size, batch_size
         self.resolution = resolution
         self.manifest = self._open_manifest(seed)
@@ -478,7 +508,7 @@ class ShardStream:
                 f"the dataset at {cfg.url} has {self.manifest.image_size}x{self.manifest.image_size} images but the "
                 f"model wants {resolution}x{resolution}: set data.wrong_size=resize or prepare it at {resolution}"
             )
-        global_batch = world_size * batch_size
+        global_batch = sum(self.batch_sizes)
         if cfg.remainder == "drop" and self.manifest.num_samples < global_batch:
             raise DataError(
                 f"the dataset at {cfg.url} has {self.manifest.num_samples} samples, fewer than one global batch "
@@ -538,8 +568,7 @@ class ShardStream:
     def _start_segment(self, intervals: list[Interval], *, wrap_step: bool = False) -> None:
         self.segment = Segment.plan(
             merge(intervals),
-            self.world_size,
-            self.batch_size,
+            self.batch_sizes,
             max(1, self.cfg.num_workers),
             wrap_step=wrap_step,
         )
@@ -552,7 +581,7 @@ class ShardStream:
     def _next_segment(self) -> None:
         """Plan what follows the current segment: the rest of its epoch, or the next epoch, where the tail
         smaller than one global batch is dropped or (wrap) completed to one global batch by the next epoch."""
-        n, global_batch = self.manifest.num_samples, self.world_size * self.batch_size
+        n, global_batch = self.manifest.num_samples, sum(self.batch_sizes)
         left = self.segment.remaining(self.segment.steps)
         if total(left) >= global_batch:
             self._start_segment(left)  # after a wrap step or a resume: the rest of the epoch
@@ -579,7 +608,7 @@ class ShardStream:
                 pin_memory=torch.cuda.is_available(),
                 prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
                 persistent_workers=False,
-                worker_init_fn=_ignore_sigterm,
+                worker_init_fn=_leave_stop_signals_to_the_rank,
             )
             for item in loader:
                 if self.segment is not segment:
@@ -640,7 +669,8 @@ class ShardStream:
             "segment": [list(i) for i in self.segment.intervals],
             "segment_steps": self.segment.steps,
             "world_size": self.world_size,
-            "batch_size": self.batch_size,
+            "batch_size": self.batch_sizes[0],  # what readers of the even-split format compare
+            "batch_sizes": list(self.batch_sizes),
             "num_workers": self.segment.num_runs,
             "batches_consumed": self.consumed,
             "remaining": [list(i) for i in self.segment.remaining(self.consumed)],
@@ -660,7 +690,9 @@ class ShardStream:
             segment = [(int(e), int(a), int(b)) for e, a, b in state["segment"]]
             steps = int(state["segment_steps"])
             remaining = [(int(e), int(a), int(b)) for e, a, b in state["remaining"]]
-            shape = (int(state["world_size"]), int(state["batch_size"]), int(state["num_workers"]))
+            world_size = int(state["world_size"])
+            sizes = tuple(int(b) for b in state.get("batch_sizes") or [state["batch_size"]] * world_size)
+            shape = (world_size, sizes, int(state["num_workers"]))
             consumed, epoch = int(state["batches_consumed"]), int(state["epoch"])
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"the checkpoint's data stream state is malformed ({exc!r})") from None
@@ -678,17 +710,18 @@ class ShardStream:
             self.seed, self.block_shards = seed, block_shards
             self._reader = self._make_reader()
         self.epoch = epoch
-        if shape == (self.world_size, self.batch_size, max(1, self.cfg.num_workers)) and consumed < steps:
+        if shape == (self.world_size, self.batch_sizes, max(1, self.cfg.num_workers)) and consumed < steps:
             self.segment = Segment(segment, *shape, steps)  # the same plan: continue exactly where it stopped
             self.consumed = consumed
         else:
             self._start_segment(remaining)  # another shape: re-split what is left of the epoch
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """A stopped pod's SIGTERM reaches every process of the rank's group; it is the rank's to handle
-    (it stops with a checkpoint, trainer/termination.py), and the workers end with the rank."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _leave_stop_signals_to_the_rank(_worker_id: int) -> None:
+    """A SIGTERM or SIGINT sent to the whole process group (SLURM, a terminal) is the rank's to handle:
+    it finishes its step and then ends the loader, and with it this worker."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _check_config(cfg: DataConfig) -> None:

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from data_pipeline.storage import CredentialFilter
 from launch import submit
 from launch.outcome import USER_ERRORS, report, run_on_ranks
 
@@ -47,15 +48,16 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.config import config_from_arguments
+    from trainer.config import config_arguments, first_use_target, load_config
     from trainer.distributed import init_runtime
     from trainer.trainer import Trainer, ensure_dataset
 
-    cfg = config_from_arguments(args.config, args.overrides)
+    config_file, overrides = config_arguments(args.config, args.overrides)
+    cfg = load_config(config_file, overrides)
     runtime = init_runtime(cfg.trainer.device, cfg.trainer.timeout_seconds)
 
     def work() -> None:
-        ensure_dataset(cfg, runtime)
+        ensure_dataset(cfg, runtime, first_use_target(cfg, config_file, overrides))
         Trainer(cfg, runtime).train()
 
     return run_on_ranks("train", runtime, work)
@@ -173,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(CredentialFilter())
     try:
         return args.run(args)
     except USER_ERRORS as err:

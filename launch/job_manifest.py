@@ -7,7 +7,7 @@ from ``k8s/trainjob/trainjob.yaml``. The kustomize overlays and ``sagan submit``
 security context, scratch volumes, entry point and environment are written once.
 
 ``check_runnable`` refuses, before anything reaches a cluster, a run that cannot work there: a global
-batch that some admissible world size does not divide, a local path where pods need object storage,
+batch smaller than the largest admissible world size, a local path where pods need object storage,
 metrics bound where Prometheus cannot reach them.
 """
 
@@ -123,16 +123,13 @@ def check_runnable(cfg: Config, shape: JobShape, workload: str = "pytorchjob") -
             f"--nodes {shape.min_nodes}:{shape.max_nodes}: Kubeflow Trainer v2 has no elastic mode; give "
             "a fixed --nodes N or use the elastic PyTorchJob"
         )
-    batch = cfg.trainer.global_batch_size
-    for nodes in range(shape.min_nodes, shape.max_nodes + 1):
-        world = nodes * shape.procs_per_node
-        if batch % world:
-            multiple = math.lcm(*shape.world_sizes())
-            raise JobError(
-                f"trainer.global_batch_size={batch} is not divisible by the world size {world} "
-                f"({shape.describe(nodes)}) that --nodes {shape.min_nodes}:{shape.max_nodes} admits: use a "
-                f"multiple of {multiple} or narrow --nodes"
-            )
+    batch, largest = cfg.trainer.global_batch_size, shape.max_nodes * shape.procs_per_node
+    if batch < largest:  # a world size that does not divide the batch trains (uneven per-rank batches)
+        raise JobError(
+            f"trainer.global_batch_size={batch} is smaller than the world size {largest} "
+            f"({shape.describe(shape.max_nodes)}) that --nodes {shape.min_nodes}:{shape.max_nodes} admits: "
+            "every rank needs a sample"
+        )
     for key, url in (
         ("data.url", cfg.data.url),
         ("run.dir", cfg.run.dir),

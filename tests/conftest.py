@@ -71,13 +71,18 @@ def _missing_tool(message: str) -> None:
     pytest.skip(message)
 
 
-def _start(command: list[str], log_path: Path) -> tuple[subprocess.Popen, str] | None:
+def _start(
+    command: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str] | None:
     """Start moto on a free port and wait until it answers; None if it exited (the port was taken)."""
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [*command, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+            [*command, "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
     deadline = time.monotonic() + MOTO_START_SECONDS
     while process.poll() is None:
@@ -140,3 +145,36 @@ def s3_env(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
 def s3_bucket(moto_server: MotoServer, s3_env: str) -> str:
     """A fresh, empty bucket on the moto server (its name)."""
     return moto_server.create_bucket()
+
+
+@pytest.fixture(scope="session")
+def _session_fault_proxy(moto_server: MotoServer):
+    from faults import FaultProxy
+
+    proxy = FaultProxy(moto_server.endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def fault_proxy(_session_fault_proxy, s3_env: str, monkeypatch: pytest.MonkeyPatch):
+    """A ``faults.FaultProxy`` in front of the moto server, without rules or faults at the start of the
+    test; AWS_ENDPOINT_URL points at it for this test. One proxy (one endpoint) serves the session, so
+    the boto3 client cached for an endpoint is reused."""
+    proxy = _session_fault_proxy
+    proxy.reset()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    proxy.reset()
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's 1,797 digits at 32x32 as a local dataset, prepared once for the session."""
+    from data_pipeline.prepare import prepare
+
+    out = tmp_path_factory.mktemp("digits") / "digits-32"
+    prepare("digits", str(out), image_size=32, shard_size=100 * 1024, progress=False)
+    return out

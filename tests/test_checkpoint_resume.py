@@ -114,6 +114,36 @@ def test_a_resumed_run_matches_an_uninterrupted_one_bit_for_bit(digits, tmp_path
     assert same(load_folder(split / "checkpoints" / "step_8")[0]["backend"], final[1]["backend"])
 
 
+def test_a_resumed_run_applies_new_learning_rates_and_betas_and_refuses_a_new_seed(digits, tmp_path):
+    """The optimizer state in a checkpoint carries its lr and betas; the resumed run's config wins and
+    is said in the log. A seed cannot take effect (the data order goes on): refused, naming the key."""
+    common = [f"data.url={digits}", f"run.dir={tmp_path}", "checkpoint.interval_steps=1"]
+    assert_ok(train(*common, "trainer.max_steps=1"))
+    stderr = assert_ok(
+        train(
+            *common,
+            "trainer.max_steps=2",
+            "trainer.lr_d=1e-4",
+            "trainer.betas_d=[0.5,0.99]",
+            "trainer.lr_g=2e-5",
+        )
+    )
+    assert "resumed with trainer.lr_d=0.0001 (checkpoint: 0.0004)" in stderr
+    assert "resumed with trainer.betas_d=[0.5, 0.99] (checkpoint: [0.0, 0.9])" in stderr
+    state, manifest = load_folder(tmp_path / "checkpoints" / "step_2")
+    groups = {net: state["backend"][net]["param_groups"][0] for net in ("opt_d", "opt_g")}
+    assert (groups["opt_d"]["lr"], list(groups["opt_d"]["betas"])) == (1e-4, [0.5, 0.99])
+    assert (groups["opt_g"]["lr"], list(groups["opt_g"]["betas"])) == (2e-5, [0.0, 0.9])
+    assert manifest["config"]["trainer"]["lr_d"] == 1e-4
+
+    result = train(*common, "trainer.max_steps=3", "trainer.seed=7")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sagan train: error: ")]
+    assert len(errors) == 1 and errors[0].startswith("sagan train: error: trainer.seed=7 but "), result.stderr
+    assert "was trained with 0, and a resumed run keeps it" in errors[0]
+    assert Checkpointer(str(tmp_path / "checkpoints")).committed_steps() == [1, 2]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -178,14 +208,17 @@ def test_world_size_changes_2_1_2_on_s3(backend, digits, tmp_path, moto_server, 
     assert_ok(torchrun_train(*common, "trainer.max_steps=2", env=env))
     stderr = assert_ok(train(*common, "trainer.max_steps=4", env=env))
     assert f"resumed from {url}/step_2 at step 2" in stderr
-    stderr = assert_ok(torchrun_train(*common, "trainer.max_steps=6", env=env))
+    stderr = assert_ok(torchrun_train(*common, "trainer.max_steps=6", "trainer.lr_g=5e-5", env=env))
     assert f"resumed from {url}/step_4 at step 4" in stderr
+    assert "resumed with trainer.lr_g=5e-05 (checkpoint: 0.0001)" in stderr
 
     ckpt = Checkpointer(url)
     assert ckpt.committed_steps() == [2, 4, 6]
     states = {step: ckpt.load(step) for step in (2, 4, 6)}
     assert [states[s][1]["world_size"] for s in (2, 4, 6)] == [2, 1, 2]
     assert [len(states[s][0]["rng"]) for s in (2, 4, 6)] == [2, 1, 2]  # one RNG state per rank
+    # The last leg's learning rate took effect in the optimizer (not the one its checkpoint carried).
+    assert [states[s][0]["backend"]["opt_g"]["param_groups"][0]["lr"] for s in (4, 6)] == [1e-4, 5e-5]
     num_samples = json.loads(states[2][0]["data"])["num_samples"]
     for step, (state, _) in states.items():
         # The data position carried over each change of world size: 8 images per step, none twice.

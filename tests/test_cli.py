@@ -130,3 +130,41 @@ def test_a_run_folder_on_s3_holds_log_samples_and_checkpoints(digits, moto_serve
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert steps.stdout.strip() == "[2, 4]", steps.stderr
+
+
+def test_a_mistyped_data_url_is_an_error_not_a_stock_dataset_written_there(tmp_path):
+    """configs/smoke.yaml prepares digits into its own data.url on first use; a data.url from anywhere
+    else (the command line, or a file that names no source) must not be filled with digits."""
+    typo = tmp_path / "a" / "typo"
+    result = sagan(
+        "train", str(ROOT / "configs/smoke.yaml"), f"data.url={typo}", f"run.dir={tmp_path / 'run'}", *TINY
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sagan train: error: ")]
+    assert len(errors) == 1 and f"no dataset at {typo} (manifest.parquet is missing)" in errors[0]
+    assert "prepares on first use only into the data.url configured with it (data/digits-32)" in errors[0]
+    assert "add data.prepare_source=digits" in errors[0]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "run").exists()
+
+    mine = tmp_path / "mine.yaml"  # a file with its own data.url, and the built-in default source
+    mine.write_text(f"data:\n  url: {typo}\n")
+    result = sagan("train", "--config", str(mine), f"run.dir={tmp_path / 'run'}", *TINY)
+    assert (
+        result.returncode == 2
+        and "data.prepare_source=fashion-mnist prepares on first use only" in result.stderr
+    )
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_first_use_preparation_into_a_new_data_url_when_the_command_line_asks(tmp_path):
+    data = tmp_path / "new-digits"
+    result = sagan(
+        "train", str(ROOT / "configs/smoke.yaml"), f"data.url={data}", "data.prepare_source=digits",
+        f"run.dir={tmp_path / 'run'}", "trainer.max_steps=1", *TINY,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"no dataset at {data} yet: preparing digits" in result.stderr
+        and (data / "manifest.parquet").is_file()
+    )

@@ -1,28 +1,28 @@
 """Faults never stop training silently: dropped connections resume with a ranged GET and are counted,
 unreachable shards fail loudly (or are skipped when configured), corrupt samples are skipped and counted.
 
-The network faults come from a small TCP proxy in front of the moto server that cuts the connections
-whose HTTP request names a chosen shard."""
+The network faults come from ``faults.FaultProxy`` in front of the moto server, cutting or resetting
+the connections whose HTTP request names a chosen shard."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import hashlib
 import io
 import itertools
 import logging
-import socket
 import tarfile
-import threading
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from faults import Rule
 from PIL import Image
 
 from data_pipeline import storage
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import read_manifest
+from data_pipeline.manifest import read_manifest, write_manifest
 from data_pipeline.prepare import prepare
 from data_pipeline.storage import open_store
 from data_pipeline.stream import DataConfig, ShardStream
@@ -74,75 +74,6 @@ def shard_ids(tar_bytes: bytes) -> list[int]:
     ]
 
 
-class FlakyProxy:
-    """A TCP proxy on 127.0.0.1 in front of ``upstream``. A connection whose request mentions ``target``
-    is cut: after ``cut_after`` bytes of the response, once; or, with ``block``, every time at once."""
-
-    def __init__(self, upstream: str):
-        host, port = upstream.removeprefix("http://").split(":")
-        self.upstream = (host, int(port))
-        self.target: bytes | None = None
-        self.cut_after: int | None = None
-        self.block = False
-        self.cuts = 0
-        self.requests: list[bytes] = []
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
-
-    def serve(self, client: socket.socket) -> None:
-        upstream = socket.create_connection(self.upstream)
-        budget: list[int | None] = [None]  # response bytes left before the cut, for the armed request
-
-        def close() -> None:
-            for sock in (client, upstream):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-
-        def responses() -> None:
-            try:
-                while data := upstream.recv(65536):
-                    if budget[0] is not None:
-                        if len(data) >= budget[0]:
-                            client.sendall(data[: budget[0]])
-                            self.cuts += 1
-                            close()
-                            return
-                        budget[0] -= len(data)
-                    client.sendall(data)
-            except OSError:
-                pass
-            close()
-
-        threading.Thread(target=responses, daemon=True).start()
-        try:
-            while data := client.recv(65536):
-                self.requests.append(data)
-                if self.target and self.target in data:
-                    if self.block:
-                        self.cuts += 1
-                        close()
-                        return
-                    if self.cut_after is not None:
-                        budget[0], self.cut_after = self.cut_after, None
-                upstream.sendall(data)
-        except OSError:
-            pass
-        close()
-
-    def close(self) -> None:
-        self.server.close()
-
-
 @pytest.fixture
 def id_dataset(moto_server, s3_bucket, tmp_path) -> str:
     url = f"s3://{s3_bucket}/ids"
@@ -152,11 +83,8 @@ def id_dataset(moto_server, s3_bucket, tmp_path) -> str:
 
 
 @pytest.fixture
-def proxy(s3_env, monkeypatch):
-    flaky = FlakyProxy(s3_env)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.endpoint)
-    yield flaky
-    flaky.close()
+def proxy(fault_proxy):
+    return fault_proxy
 
 
 def test_a_cut_connection_resumes_with_a_ranged_get_and_counts_a_retry(id_dataset, proxy):
@@ -164,10 +92,10 @@ def test_a_cut_connection_resumes_with_a_ranged_get_and_counts_a_retry(id_datase
     name = read_manifest(id_dataset).shards[1].name
     expected = store.read_bytes(name)
     assert len(expected) > 20_000
-    proxy.target, proxy.cut_after = name.encode(), 12_000
+    proxy.add(Rule("truncate", match=name.encode(), methods=("GET",), truncate_after=12_000))
     process_before = storage.retry_count()
     assert store.read_bytes(name) == expected
-    assert proxy.cuts == 1
+    assert proxy.faults == {"truncate": 1}
     assert store.retries == 1 and storage.retry_count() - process_before == 1
     ranges = [r for r in proxy.requests if name.encode() in r and b"range: bytes=" in r.lower()]
     assert len(ranges) == 1
@@ -177,32 +105,32 @@ def test_a_cut_connection_resumes_with_a_ranged_get_and_counts_a_retry(id_datase
 
 def test_a_cut_connection_in_a_worker_is_resumed_and_reported(id_dataset, proxy):
     shards = read_manifest(id_dataset).shards
-    proxy.target, proxy.cut_after = shards[2].name.encode(), 9_000
+    proxy.add(Rule("truncate", match=shards[2].name.encode(), methods=("GET",), truncate_after=9_000))
     cfg = DataConfig(url=id_dataset, prepare_source="", num_workers=2, retry_backoff_seconds=0.01)
     ids, stream = one_epoch(cfg)
     assert sorted(ids) == list(range(NUM_SAMPLES))
-    assert proxy.cuts == 1
-    counters = stream.counters()  # counted in the workers, shipped with their batches
+    assert proxy.faults == {"truncate": 1}
+    counters = stream.counters()  # counted in a worker, shipped with a batch
     assert (counters["skipped"], counters["s3_retries"]) == ({}, 1)
     assert counters["s3_read_bytes"] >= sum(shard.num_bytes for shard in shards)  # every shard, once or more
 
 
 def test_an_unreachable_shard_fails_the_run_naming_it(id_dataset, proxy):
     manifest = read_manifest(id_dataset)
-    proxy.target, proxy.block = manifest.shards[3].name.encode(), True
+    proxy.add(Rule("reset", match=manifest.shards[3].name.encode(), times=None))
     cfg = DataConfig(
         url=id_dataset, prepare_source="", num_workers=2, max_retries=2, retry_backoff_seconds=0.01
     )
     with pytest.raises(DataError, match=f"{manifest.shard_url(3)} after 2 retries") as failure:
         one_epoch(cfg)
     assert "\n" not in str(failure.value)
-    assert proxy.cuts >= 3  # the first try and two retries (in whichever workers read that shard)
+    assert proxy.faults["reset"] >= 3  # the first try and two retries (in whichever workers read that shard)
 
 
 def test_an_unreachable_shard_is_skipped_when_configured(id_dataset, proxy):
     manifest = read_manifest(id_dataset)
     lost = set(shard_ids(open_store(id_dataset).read_bytes(manifest.shards[3].name)))
-    proxy.target, proxy.block = manifest.shards[3].name.encode(), True
+    proxy.add(Rule("reset", match=manifest.shards[3].name.encode(), times=None))
     cfg = DataConfig(
         url=id_dataset,
         prepare_source="",
@@ -223,6 +151,21 @@ def test_a_deleted_shard_fails_naming_it(id_dataset, s3_env):
     open_store(id_dataset).delete([manifest.shards[0].name])
     with pytest.raises(DataError, match=f"{manifest.shard_url(0)} does not exist"):
         one_epoch(DataConfig(url=id_dataset, prepare_source="", num_workers=0))
+
+
+def recommit(url: str, indices: list[int]) -> None:
+    """Write the manifest again with the current size and sha256 of shards ``indices``."""
+    manifest, store = read_manifest(url), open_store(url)
+    shards = list(manifest.shards)
+    for index in indices:
+        data = store.read_bytes(shards[index].name)
+        shards[index] = dataclasses.replace(
+            shards[index], num_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+        )
+    write_manifest(
+        url, shards, image_size=manifest.image_size, num_classes=manifest.num_classes, source=manifest.source,
+        classes=manifest.classes,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -281,6 +224,7 @@ def corrupt_dataset(tmp_path) -> tuple[str, dict[str, set[int]]]:
         return out
 
     rewrite(0, damage)
+    recommit(url, [0])  # damaged when prepared: the manifest lists these bytes
     name = manifest.shards[1].name
     whole = store.read_bytes(name)
     pngs_before_cut = shard_ids(whole)[:5]

@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+import faults
 import pytest
 
 from data_pipeline import storage
@@ -107,3 +108,95 @@ def test_an_endpoint_that_refuses_connections_is_retried_then_named(s3_bucket, m
     with pytest.raises(DataError, match=f"cannot reach s3://{s3_bucket}/data/x after 2 retries"):
         store.read_bytes("x")
     assert store.retries == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Every object-store call survives a transient fault (faults.FaultProxy in front of the moto server)
+
+OPERATIONS = ("write_bytes", "upload_file", "multipart_upload", "read_bytes", "exists", "list", "delete")
+
+
+def run_operation(store: S3Store, operation: str, tmp_path: Path) -> None:
+    """Do ``operation`` once and check its result against the bucket."""
+    if operation == "write_bytes":
+        store.write_bytes("w.bin", b"written")
+        assert store.read_bytes("w.bin") == b"written"
+    elif operation in ("upload_file", "multipart_upload"):
+        path = tmp_path / "upload.bin"
+        path.write_bytes(os.urandom(6 * 2**20 if operation == "multipart_upload" else 3000))
+        store.upload_file("u.bin", path)
+        assert store.read_bytes("u.bin") == path.read_bytes()
+    elif operation == "read_bytes":
+        assert store.read_bytes("seed.bin") == SEED_BYTES
+    elif operation == "exists":
+        assert store.exists("seed.bin") and not store.exists("nothing.bin")
+    elif operation == "list":
+        assert store.list() == ["seed.bin"]
+    elif operation == "delete":
+        store.delete(["seed.bin"])
+        assert store.list() == []
+
+
+SEED_BYTES = os.urandom(50_000)
+WRITES_OF = {"write_bytes": ("PUT",), "upload_file": ("PUT",), "multipart_upload": ("PUT", "POST")}
+
+
+@pytest.mark.parametrize("kind", ["reset", "lost_response", "error_500", "error_503", "truncate"])
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_every_store_call_is_retried_through_a_fault(
+    operation, kind, s3_bucket, fault_proxy, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD_BYTES", 5 * 2**20)
+    monkeypatch.setattr(storage, "MULTIPART_CHUNK_BYTES", 5 * 2**20)
+    store = open_store(f"s3://{s3_bucket}/faults", backoff_seconds=0.01)
+    store.write_bytes("seed.bin", SEED_BYTES)
+    methods = WRITES_OF.get(operation, ("POST",) if operation == "delete" else ("GET", "HEAD"))
+    if kind == "lost_response" and methods[0] in ("GET", "HEAD"):
+        methods = ("GET", "HEAD")  # a read's lost answer is a reset after the server answered
+    match = b"partNumber=2" if operation == "multipart_upload" else b""
+    rule = fault_proxy.add(faults.Rule(kind, match=match, methods=methods))
+    before = store.retries
+    run_operation(store, operation, tmp_path)
+    assert rule.times == 0, f"no {methods} request of {operation} met the fault"
+    assert store.retries - before >= 1
+    uploads = storage._s3_client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert uploads == []  # no orphaned parts of the attempt that failed
+
+
+def test_an_upload_answered_503_slowdown_is_retried_not_fatal(s3_bucket, fault_proxy, tmp_path):
+    """boto3's upload_file raises S3UploadFailedError around the SlowDown; that is worth a retry."""
+    path = tmp_path / "shard.tar"
+    path.write_bytes(os.urandom(10_000))
+    fault_proxy.add(faults.Rule("error_503", methods=("PUT",), times=3))
+    store = open_store(f"s3://{s3_bucket}/data", backoff_seconds=0.01)
+    store.upload_file("shard.tar", path)
+    assert store.retries == 3 and fault_proxy.faults["error_503"] == 3
+    assert store.read_bytes("shard.tar") == path.read_bytes()
+
+
+def test_a_retried_multipart_upload_leaves_one_object_and_no_parts(
+    s3_bucket, fault_proxy, tmp_path, monkeypatch
+):
+    """A part fails and so does boto3's abort of the upload: the retry commits the object, and the
+    store aborts the parts the failed attempt left (S3 would keep and bill them)."""
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD_BYTES", 5 * 2**20)
+    monkeypatch.setattr(storage, "MULTIPART_CHUNK_BYTES", 5 * 2**20)
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(11 * 2**20))
+    fault_proxy.add(faults.Rule("error_500", match=b"partNumber=3", methods=("PUT",)))
+    abort = fault_proxy.add(faults.Rule("reset", match=b"uploadId=", methods=("DELETE",)))
+    store = open_store(f"s3://{s3_bucket}/data", backoff_seconds=0.01)
+    store.upload_file("big.bin", path)
+    assert abort.times == 0  # boto3's own abort was lost
+    client = storage._s3_client()
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]] == ["data/big.bin"]
+    assert store.read_bytes("big.bin") == path.read_bytes()
+
+
+def test_a_store_that_keeps_failing_gives_up_naming_the_url(s3_bucket, fault_proxy):
+    fault_proxy.add(faults.Rule("error_503", methods=("PUT",), times=None))
+    store = open_store(f"s3://{s3_bucket}/data", max_retries=2, backoff_seconds=0.01)
+    with pytest.raises(DataError, match=f"cannot reach s3://{s3_bucket}/data/x after 2 retries") as failure:
+        store.write_bytes("x", b"1")
+    assert "\n" not in str(failure.value) and store.retries == 2

@@ -7,6 +7,7 @@ run resumes from it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -111,6 +112,7 @@ def test_the_pod_entry_point_trains_stops_on_sigterm_with_a_checkpoint_and_resum
         "trainer.precision=fp32",
         "trainer.device=cpu",
         "trainer.log_interval=2",
+        f"trainer.preemption_grace_seconds={EXIT_WAIT_SECONDS - 40}",  # below the shutdown timeout, as shipped
         "trainer.sample_interval=100000",
         "checkpoint.interval_steps=100000",
         "data.num_workers=1",  # a DataLoader worker, which the process group's SIGTERM also reaches
@@ -138,10 +140,10 @@ def test_the_pod_entry_point_trains_stops_on_sigterm_with_a_checkpoint_and_resum
                 torchrun.kill()
                 torchrun.wait()
     output = log_path.read_text()
-    assert "stopped by SIGTERM after a final checkpoint at step" in output, output[-3000:]
+    assert re.search(r"stopped by SIGTERM at step \d+; checkpoint \S+ is committed", output), output[-3000:]
     s3 = moto_server.client()
     stopped_at = latest_step(s3, s3_bucket, "dev")
-    assert stopped_at >= 4 and stopped_at % 2 == 0, "a checkpoint at the agreed log-interval step"
+    assert stopped_at >= 4, "a checkpoint at the step every rank stopped after"
     assert "DataLoader worker" not in output, output[-3000:]
 
     resumed = subprocess.run(

@@ -83,8 +83,9 @@ def test_every_kustomization_renders_and_validates_offline(rendered, path, tmp_p
 
 
 @pytest.mark.parametrize("path", JOBS)
-def test_pods_are_restricted_with_scratch_volumes_and_no_inline_secrets(rendered, path):
+def test_pods_are_restricted_with_scratch_volumes_and_no_inline_secrets(rendered, path, tmp_path):
     job = job_of(rendered[path])
+    grace = run_config(rendered[path], job, tmp_path).trainer.preemption_grace_seconds
     pods = pod_templates(job)
     assert pods
     for _, pod, containers in pods:
@@ -94,6 +95,9 @@ def test_pods_are_restricted_with_scratch_volumes_and_no_inline_secrets(rendered
         env = {e["name"]: e.get("value") for e in trainer["env"]}
         shutdown = int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
         assert pod["terminationGracePeriodSeconds"] >= shutdown + 20 >= 300, "time for a final checkpoint"
+        assert 300 <= grace <= shutdown - 10, (
+            "the trainer stops before torchrun kills it, with time to upload"
+        )
         requests, limits = trainer["resources"]["requests"], trainer["resources"]["limits"]
         assert requests[GPU_RESOURCE] == limits[GPU_RESOURCE]
         (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]

@@ -284,6 +284,8 @@ SHAPES = [
     ("pytorchjob", ["--nodes", "2:4", "--gpus-per-node", "8"], []),
     ("pytorchjob", ["--nodes", "1", "--gpus-per-node", "1"], []),
     ("pytorchjob", ["--nodes", "1:3", "--gpus-per-node", "4"], ["trainer.global_batch_size=48"]),
+    # 24 ranks do not divide 256: uneven per-rank batches
+    ("pytorchjob", ["--nodes", "2:4", "--gpus-per-node", "8"], ["trainer.global_batch_size=256"]),
     ("pytorchjob", ["--nodes", "2", "--gpus-per-node", "0"], ["trainer.global_batch_size=64"]),
     ("trainjob", ["--nodes", "2", "--gpus-per-node", "8"], []),
 ]
@@ -366,10 +368,9 @@ def test_the_default_name_comes_from_the_run_folder(capsys):
 # --- refused before any request ------------------------------------------------------------------------
 
 REFUSALS = [
-    (["--nodes", "2:5"], "not divisible by the world size 40 (5 nodes × 8 GPUs)"),
     (
-        ["--nodes", "3", "--gpus-per-node", "5"],
-        "trainer.global_batch_size=384 is not divisible by the world size 15",
+        ["--nodes", "2:5", "trainer.global_batch_size=32"],
+        "trainer.global_batch_size=32 is smaller than the world size 40 (5 nodes × 8 GPUs)",
     ),
     (
         ["data.url=data/imagenet128"],

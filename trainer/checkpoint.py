@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.errors import DataError, ObjectNotFound
-from data_pipeline.storage import LocalStore, Store, open_store, split_url
+from data_pipeline.storage import LocalStore, Store, open_store, redact, split_url
 
 if TYPE_CHECKING:
     from trainer.metrics import Metrics
@@ -60,6 +60,9 @@ SPOOL_PREFIX = "sagan-checkpoint-"  # + "<pid>-step_<N>-<random>.pt" in the temp
 SAFE_LEAVES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 # Settings that do not change the weights or what they compute: a checkpoint fits either way.
 MODEL_KEYS_NOT_COMPARED = ("num_classes", "attention_impl", "init")
+# Settings a resumed run keeps from its checkpoint whatever its config says (the data order goes on):
+# a new value would not take effect, so it is refused.
+KEPT_ON_RESUME = ("trainer.seed", "data.shuffle_block_shards")
 
 
 class CheckpointError(Exception):
@@ -157,6 +160,35 @@ def refuse_other_model(manifest: dict[str, Any], model: dict[str, Any], num_clas
         )
 
 
+def refuse_settings_kept_on_resume(manifest: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """Raise a CheckpointError naming the first setting this run changes that a resume cannot apply."""
+    for key in KEPT_ON_RESUME:
+        saved, now = _setting(manifest.get("config", {}), key), _setting(config, key)
+        if saved is not None and saved != now:
+            raise CheckpointError(
+                f"{key}={now!r} but {where} was trained with {saved!r}, and a resumed run keeps it (its data "
+                f"order goes on): drop the override, or set checkpoint.resume=false to start over"
+            )
+
+
+def changed_settings(manifest: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """``key=new (checkpoint: old)`` for each trainer/data setting of this run that differs from the
+    checkpoint's: the ones a resumed run applies (learning rates, betas, batch size, ...)."""
+    saved_config = manifest.get("config", {})
+    changes = []
+    for section in ("trainer", "data"):
+        for key, now in config.get(section, {}).items():
+            saved = saved_config.get(section, {}).get(key, now)
+            if saved != now:
+                changes.append(f"{section}.{key}={now!r} (checkpoint: {saved!r})")
+    return changes
+
+
+def _setting(config: dict[str, Any], key: str) -> Any:
+    section, _, name = key.partition(".")
+    return config.get(section, {}).get(name)
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading
 
@@ -224,7 +256,7 @@ def resolve(url: str | os.PathLike[str]) -> str:
 
 
 def load_for_resume(
-    checkpointer: Checkpointer, *, rank: int, world_size: int, resume: bool = True
+    checkpointer: Checkpointer, *, rank: int, world_size: int, resume: bool = True, at_most: int | None = None
 ) -> tuple[int, dict, dict] | None:
     """(step, state, manifest) to resume from, the same on every rank; None when there is none (or
     ``resume`` is false, in which case only the checkpoint URL is checked).
@@ -232,14 +264,14 @@ def load_for_resume(
     Rank 0 alone checks the URL, reads ``LATEST`` and chooses (falling back past unusable checkpoints),
     then tells the others which step to load, so all ranks resume from one committed checkpoint. A
     collective when ``world_size > 1``; rank 0's error is raised on every rank instead of leaving the
-    others waiting.
+    others waiting. ``at_most``: the newest checkpoint of that step or before.
     """
     found = None
     choice: int | str | None = None
     if rank == 0:
         try:
             checkpointer.check()
-            found = checkpointer.load_latest() if resume else None
+            found = checkpointer.load_latest(at_most) if resume else None
             choice = found[0] if found else None
         except CheckpointError as err:
             choice = str(err)
@@ -342,13 +374,23 @@ class Checkpointer:
             self._write(job)
             self.wait()
             return
-        self._thread = threading.Thread(target=self._write, args=(job,), name=f"checkpoint-step_{step}")
+        # A daemon: a run that fails exits at once, as a distributed one does, rather than after an upload
+        # that may take minutes (an uncommitted checkpoint is invisible; LATEST names the previous one).
+        self._thread = threading.Thread(
+            target=self._write, args=(job,), name=f"checkpoint-step_{step}", daemon=True
+        )
         self._thread.start()
 
     @property
     def busy(self) -> bool:
         """True while a save is being written in the background."""
         return self._thread is not None and self._thread.is_alive()
+
+    def idle(self, timeout: float = 0.0) -> bool:
+        """True once no save is being written, after waiting up to ``timeout`` seconds for the one that is."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.busy
 
     def wait(self) -> None:
         """Block until the last save is committed; raise a CheckpointError if it could not be."""
@@ -519,12 +561,15 @@ class Checkpointer:
         """(state, manifest) of ``step_<step>``, verified; CheckpointError when it is unusable."""
         return read_checkpoint(self.store, f"step_{step}")
 
-    def load_latest(self) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    def load_latest(self, at_most: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
         """(step, state, manifest) of ``LATEST``, or of the newest good checkpoint before it when that one
-        is missing or corrupt (said in a warning). None when there is no checkpoint at all."""
+        is missing or corrupt (said in a warning). None when there is no checkpoint at all. ``at_most``:
+        only checkpoints of that step or before count."""
         latest, committed = self.pointer(), self.committed_steps()
         older = [s for s in reversed(committed) if latest is None or s < latest]
         candidates = ([latest] if latest is not None else []) + older
+        if at_most is not None:
+            candidates = [s for s in candidates if s <= at_most]
         problems = []
         for step in candidates:
             try:
@@ -604,7 +649,7 @@ def _open(url: str) -> Store:
     try:
         return open_store(url)
     except DataError as err:
-        raise CheckpointError(f"checkpoint URL {url!r}: {err}") from None
+        raise CheckpointError(f"checkpoint URL {redact(url)!r}: {err}") from None
 
 
 def _split(url: str) -> tuple[str, str]:

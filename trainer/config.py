@@ -42,6 +42,9 @@ class TrainerConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage (0, 1 or 2)
     bn_group_size: int = 0  # G's batch-norm statistics per group of this many samples; 0: the rank's batch
     timeout_seconds: int = 600  # a collective that waits longer fails the job instead of hanging it
+    preemption_grace_seconds: float = 25.0  # SIGTERM/SIGINT to exit: finish the step, checkpoint, leave
+    nonfinite_reload_after: int = 100  # skipped updates in a row before reloading a checkpoint; 0: never
+    nonfinite_max_reloads: int = 3  # then the run stops: it diverges
 
 
 @dataclass
@@ -95,6 +98,7 @@ POSITIVE = (
     "trainer.sample_interval",
     "trainer.sample_columns",
     "trainer.timeout_seconds",
+    "trainer.preemption_grace_seconds",
     "checkpoint.interval_steps",
     "checkpoint.keep_last",
     "data.shuffle_block_shards",
@@ -107,24 +111,14 @@ NON_NEGATIVE = (
     "metrics.port",
     "trainer.seed",
     "trainer.bn_group_size",
+    "trainer.nonfinite_reload_after",
+    "trainer.nonfinite_max_reloads",
 )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The default config, updated by the YAML file at ``path`` and then by ``key=value`` overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
-        tree = loaded or {}
+    tree = _read_file(path)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -141,12 +135,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def config_from_arguments(config_file: str | None, overrides: list[str]) -> Config:
-    """The config of a command line: ``--config FILE`` or a first argument without ``=``, then overrides."""
+def config_arguments(config_file: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """A command line's config file and overrides: ``--config FILE`` or a first argument without ``=``."""
     overrides = list(overrides)
     if overrides and config_file is None and "=" not in overrides[0]:
         config_file = overrides.pop(0)  # `sagan train configs/smoke.yaml` reads as well as --config
-    return load_config(config_file, overrides)
+    return config_file, overrides
+
+
+def config_from_arguments(config_file: str | None, overrides: list[str]) -> Config:
+    """The config of a command line (see ``config_arguments``)."""
+    return load_config(*config_arguments(config_file, overrides))
+
+
+def _read_file(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
+    return loaded or {}
+
+
+def first_use_target(cfg: Config, path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> str:
+    """The data.url that data.prepare_source may fill on first use: the data.url configured in the same
+    place as the source (the YAML file, or the built-in default), or any data.url when the command line
+    names the source itself. So a data.url given elsewhere (a typo on the command line, a file that sets
+    data.url but not the source) is never filled with a stock dataset."""
+    if "data.prepare_source" in {item.partition("=")[0].strip() for item in overrides}:
+        return cfg.data.url
+    data = _read_file(path).get("data")
+    if isinstance(data, dict) and "prepare_source" in data:
+        return str(data.get("url", DataConfig().url))
+    return DataConfig().url
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

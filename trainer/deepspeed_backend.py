@@ -33,7 +33,15 @@ from torch import nn
 
 from trainer.config import ConfigError, TrainerConfig
 from trainer.distributed import Runtime, ensure_process_group
-from trainer.gan_step import Update, batch_norm_groups, mean_over_ranks, total_grad_norm
+from trainer.gan_step import (
+    Update,
+    batch_norm_groups,
+    loss_weight,
+    mean_over_ranks,
+    rank_batch_size,
+    total_grad_norm,
+    use_configured_hyperparameters,
+)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by deepspeed when it is first imported
@@ -106,11 +114,12 @@ class DeepSpeedBackend:
         self.cfg = cfg
         self.world_size = runtime.world_size
         self.dtype = DTYPES[cfg.precision]
-        per_rank_batch = cfg.global_batch_size // runtime.world_size
+        per_rank_batch = rank_batch_size(cfg, runtime)
+        self.loss_weight = loss_weight(cfg, runtime)  # uneven per-rank batches: see gan_step.loss_weight
         G, D = G.to(runtime.device), D.to(runtime.device)
         _start_equal(G, D)
         self.g_engine = self._engine(
-            batch_norm_groups(G, cfg, runtime.world_size), G, cfg.lr_g, cfg.betas_g, per_rank_batch
+            batch_norm_groups(G, cfg, runtime), G, cfg.lr_g, cfg.betas_g, per_rank_batch
         )
         self.d_engine = self._engine(D, D, cfg.lr_d, cfg.betas_d, per_rank_batch)
         self.G, self.D = G, D  # the engines' modules, in the engines' precision
@@ -134,13 +143,13 @@ class DeepSpeedBackend:
         with torch.no_grad():
             fake = self.g_engine.module(z.to(self.dtype), y_fake)
         logits = self.d_engine(torch.cat([real.to(self.dtype), fake]), torch.cat([y_real, y_fake]))
-        loss = d_hinge_loss(logits[: real.shape[0]], logits[real.shape[0] :])
+        loss = d_hinge_loss(logits[: real.shape[0]], logits[real.shape[0] :]) * self.loss_weight
         return self._apply(loss, self.d_engine)
 
     def g_step(self, z: torch.Tensor, y_fake: torch.Tensor) -> Update:
         self.D.requires_grad_(False)
         try:
-            loss = g_hinge_loss(self.D(self.g_engine(z.to(self.dtype), y_fake), y_fake))
+            loss = g_hinge_loss(self.D(self.g_engine(z.to(self.dtype), y_fake), y_fake)) * self.loss_weight
             return self._apply(loss, self.g_engine)
         finally:
             self.D.requires_grad_(True)
@@ -189,6 +198,8 @@ class DeepSpeedBackend:
             _load_module_state(engine, net, state[key])
             _load_adam_state(engine, net, state[f"opt_{key.lower()}"])
             _load_scaler_state(engine, state.get(f"scaler_{key.lower()}"))
+            lr, betas = (self.cfg.lr_g, self.cfg.betas_g) if key == "G" else (self.cfg.lr_d, self.cfg.betas_d)
+            use_configured_hyperparameters(engine.basic_optimizer, lr, betas)
 
 
 def _copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -223,31 +223,34 @@ def _share_cores(local_world_size: int) -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size))
 
 
-def shutdown(runtime: Runtime, exit_code: int = 0) -> None:
-    """Leave the job: cleanly after success, at once after a failure. Does not return when distributed.
+def shutdown(runtime: Runtime, exit_code: int = 0, *, together: bool | None = None) -> None:
+    """Leave the job: cleanly after success, at once after a failure. Returns only after a success alone.
 
-    Success: a barrier (no rank leaves while another still needs it), destroying the group, flushing,
-    then ``os._exit`` — gloo sometimes aborts in interpreter teardown after a finished run, and
-    skipping teardown avoids that. Failure: no barrier and no goodbye; the process exits at once, so
-    its peers' next collective fails on the closed connection (or times out) and every launcher ends
-    the job with a non-zero status. Under MPI, ``MPI_Abort`` takes the job down.
+    Success (or ``together``: a stop every rank agreed on, such as a pre-emption, whatever the status):
+    a barrier (no rank leaves while another still needs it), destroying the group, flushing, then
+    ``os._exit`` — gloo sometimes aborts in interpreter teardown after a finished run, and skipping
+    teardown avoids that. Failure: no barrier and no goodbye; the process exits at once, so its peers'
+    next collective fails on the closed connection (or times out) and every launcher ends the job with
+    a non-zero status. Under MPI, ``MPI_Abort`` takes the job down. One process that failed exits at
+    once too, rather than in an interpreter teardown that waits for threads (an upload that hangs).
     """
-    if dist.is_initialized() and exit_code == 0:
+    together = exit_code == 0 if together is None else together
+    if dist.is_initialized() and together:
         try:
             dist.barrier()
             dist.destroy_process_group()
         except Exception as err:  # a peer failed while we finished: the job did not succeed
             log.error("rank %d: the job failed while leaving the process group: %s", runtime.rank, err)
-            exit_code = 1
+            exit_code, together = exit_code or 1, False
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
     if runtime.launcher in ("mpi", "slurm") and "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 
-        if exit_code == 0:
+        if together:
             MPI.Finalize()
         else:
             MPI.COMM_WORLD.Abort(exit_code)
-    if runtime.distributed:
+    if runtime.distributed or exit_code:  # after a failure, no teardown that waits for a hung upload thread
         os._exit(exit_code)

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
+from data_pipeline.stream import split_batch
 from models.losses import d_hinge_loss, g_hinge_loss
 from trainer.config import ConfigError, TrainerConfig
 from trainer.distributed import Runtime
@@ -79,6 +80,17 @@ def mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
     return float(value)
 
 
+def use_configured_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, betas: list[float]) -> None:
+    """After loading a checkpoint's optimizer state (which carries its learning rate and betas), go on
+    with the ones this run is configured with: a resumed run's trainer.lr_*/betas_* take effect."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):  # a capturable or fused optimizer's tensor lr
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+        group["betas"] = tuple(betas)
+
+
 class BatchNormGroups(nn.Module):
     """G applied to consecutive groups of ``group_size`` samples: batch-norm statistics per group.
 
@@ -101,16 +113,29 @@ class BatchNormGroups(nn.Module):
             )
 
 
-def batch_norm_groups(G: nn.Module, cfg: TrainerConfig, world_size: int) -> nn.Module:
+def rank_batch_size(cfg: TrainerConfig, runtime: Runtime) -> int:
+    """This rank's share of the global batch (``data_pipeline.stream.split_batch``)."""
+    return split_batch(cfg.global_batch_size, runtime.world_size)[runtime.rank]
+
+
+def loss_weight(cfg: TrainerConfig, runtime: Runtime) -> float:
+    """W·b_r/B: DDP averages the ranks' gradients equally, so a rank of b_r samples out of a global batch
+    of B, weighting its mean loss so, makes the averaged gradient the mean over the global batch.
+    1.0 when the world size divides the global batch."""
+    return runtime.world_size * rank_batch_size(cfg, runtime) / cfg.global_batch_size
+
+
+def batch_norm_groups(G: nn.Module, cfg: TrainerConfig, runtime: Runtime) -> nn.Module:
     """G itself (statistics over the rank's whole batch) or G in groups of ``trainer.bn_group_size``."""
     group_size = cfg.bn_group_size
-    per_rank = cfg.global_batch_size // world_size
+    per_rank = rank_batch_size(cfg, runtime)
     if not group_size or group_size == per_rank:
         return G
     if per_rank % group_size:
         raise ConfigError(
             f"trainer.bn_group_size={group_size} does not divide the per-rank batch {per_rank} "
-            f"(trainer.global_batch_size={cfg.global_batch_size} over {world_size} ranks): use a divisor or 0"
+            f"(trainer.global_batch_size={cfg.global_batch_size} over {runtime.world_size} ranks): use a "
+            "divisor or 0"
         )
     return BatchNormGroups(G, group_size)
 
@@ -130,7 +155,8 @@ class DDPBackend:
         self.world_size = runtime.world_size
         self.G = G.to(self.device)
         self.D = D.to(self.device)
-        self.generate = batch_norm_groups(self.G, cfg, runtime.world_size)
+        self.generate = batch_norm_groups(self.G, cfg, runtime)
+        self.loss_weight = loss_weight(cfg, runtime)
         if runtime.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.g_train: nn.Module = DistributedDataParallel(
@@ -159,14 +185,14 @@ class DDPBackend:
         with self._autocast():
             # One D forward over real and fake: one spectral-norm power iteration per D step.
             logits = self.d_train(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake]))
-            loss = d_hinge_loss(logits[: real.shape[0]], logits[real.shape[0] :])
+            loss = d_hinge_loss(logits[: real.shape[0]], logits[real.shape[0] :]) * self.loss_weight
         return self._apply(loss, self.D, self.opt_d, self.scaler_d)
 
     def g_step(self, z: torch.Tensor, y_fake: torch.Tensor) -> Update:
         self.D.requires_grad_(False)
         try:
             with self._autocast():
-                loss = g_hinge_loss(self.D(self.g_train(z, y_fake), y_fake))
+                loss = g_hinge_loss(self.D(self.g_train(z, y_fake), y_fake)) * self.loss_weight
             return self._apply(loss, self.G, self.opt_g, self.scaler_g)
         finally:
             self.D.requires_grad_(True)
@@ -211,6 +237,8 @@ class DDPBackend:
         self.D.load_state_dict(state["D"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        use_configured_hyperparameters(self.opt_g, self.cfg.lr_g, self.cfg.betas_g)
+        use_configured_hyperparameters(self.opt_d, self.cfg.lr_d, self.cfg.betas_d)
         if state.get("scaler_g"):
             self.scaler_g.load_state_dict(state["scaler_g"])
         if state.get("scaler_d"):

@@ -85,6 +85,11 @@ class Metrics:
         self.nonfinite = Counter(
             "sagan_nonfinite_steps", "Updates skipped for a non-finite loss or gradient", registry=r
         )
+        self.nonfinite_reloads = Counter(
+            "sagan_nonfinite_reloads",
+            "Checkpoints reloaded after trainer.nonfinite_reload_after non-finite updates in a row",
+            registry=r,
+        )
         self.world_size = Gauge("sagan_world_size", "Processes in the job", registry=r)
         self.eval = {
             key: Gauge(f"sagan_eval_{key}", text, ["extractor"], registry=r)

@@ -11,36 +11,55 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.errors import ObjectNotFound
-from data_pipeline.manifest import read_manifest
+from data_pipeline.errors import DataError, ObjectNotFound
+from data_pipeline.manifest import MANIFEST_NAME, read_manifest
 from data_pipeline.prepare import parse_size, prepare
 from data_pipeline.storage import open_store
-from data_pipeline.stream import ShardStream
+from data_pipeline.stream import ShardStream, split_batch
 from models.ema import EMA
 from models.sagan import attention_gammas, build_models
 from trainer import samples
 from trainer.checkpoint import (
     Checkpointer,
     CheckpointError,
+    changed_settings,
     gather_rng_states,
     load_for_resume,
     refuse_other_model,
+    refuse_settings_kept_on_resume,
     restore_rng_state,
 )
 from trainer.config import Config, ConfigError, checkpoint_location, to_dict
+from trainer.coordination import ControlGroup
 from trainer.distributed import Runtime
 from trainer.evaluation import Evaluator, eval_result_name
 from trainer.gan_step import make_backend
 from trainer.metrics import Metrics
+from trainer.nonfinite import Diverged, NonFiniteGuard
+from trainer.preemption import EXIT_SECONDS, Preempted, Preemption
 from trainer.run_log import RunLog
-from trainer.termination import StopRequest, Terminated
 
 log = logging.getLogger("trainer")
 
 
-def ensure_dataset(cfg: Config, runtime: Runtime) -> None:
-    """Prepare the configured dataset on first use (rank 0 only; the others wait for the manifest)."""
-    if not cfg.data.prepare_source or not runtime.is_main:
+def ensure_dataset(cfg: Config, runtime: Runtime, prepare_into: str | None = None) -> None:
+    """Prepare the configured dataset on first use (rank 0 only; the others wait for the manifest).
+
+    ``prepare_into`` (``config.first_use_target``) is the only data.url first use may fill; another one
+    without a dataset is an error on every rank, not a stock dataset written where the user mistyped.
+    """
+    source = cfg.data.prepare_source
+    if source and prepare_into is not None and cfg.data.url != prepare_into:
+        try:
+            read_manifest(cfg.data.url)
+        except ObjectNotFound:
+            raise DataError(
+                f"no dataset at {cfg.data.url} ({MANIFEST_NAME} is missing); data.prepare_source={source} "
+                f"prepares on first use only into the data.url configured with it ({prepare_into}): check "
+                f"data.url, or add data.prepare_source={source} to prepare {source} there"
+            ) from None
+        return
+    if not source or not runtime.is_main:
         return
     try:
         read_manifest(cfg.data.url)
@@ -74,13 +93,17 @@ class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime):
         self.cfg, self.runtime = cfg, runtime
         t = cfg.trainer
-        if t.global_batch_size % runtime.world_size:
+        if t.global_batch_size < runtime.world_size:
             raise ConfigError(
-                f"trainer.global_batch_size={t.global_batch_size} is not divisible by the world size "
-                f"{runtime.world_size}"
+                f"trainer.global_batch_size={t.global_batch_size} is smaller than the world size "
+                f"{runtime.world_size}: every rank needs a sample"
             )
-        self.batch_size = t.global_batch_size // runtime.world_size
-        self.rank_slice = slice(runtime.rank * self.batch_size, (runtime.rank + 1) * self.batch_size)
+        # A world size that does not divide the global batch (an elastic job at any size) gives some ranks
+        # one sample more; the backends weight each rank's loss so the gradient is the global-batch mean.
+        batch_sizes = split_batch(t.global_batch_size, runtime.world_size)
+        self.batch_size = batch_sizes[runtime.rank]
+        first = sum(batch_sizes[: runtime.rank])
+        self.rank_slice = slice(first, first + self.batch_size)
         torch.manual_seed(t.seed)
         self.run_store = open_store(cfg.run.dir)  # a local folder or s3://: log, samples, evaluation
         self.stream = ShardStream(
@@ -90,6 +113,7 @@ class Trainer:
             batch_size=self.batch_size,
             seed=t.seed,
             resolution=cfg.model.resolution,
+            batch_sizes=batch_sizes,
         )
         self.num_classes = cfg.model.num_classes or self.stream.manifest.num_classes
         if cfg.model.num_classes and cfg.model.num_classes != self.stream.manifest.num_classes:
@@ -126,7 +150,12 @@ class Trainer:
                 device=runtime.device,
                 num_workers=cfg.data.num_workers,
             )
+        self.control = ControlGroup(runtime, t.timeout_seconds)
+        self.preemption = Preemption(t.preemption_grace_seconds)
         self.step = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint handed to the writer
+        self.progress: tqdm | None = None
+        self.nonfinite = NonFiniteGuard(t.nonfinite_reload_after, t.nonfinite_max_reloads)
         grid = samples.grid_classes(self.num_classes)
         self.grid_z, self.grid_y = samples.fixed_inputs(
             cfg.model.z_dim, grid, t.sample_columns, t.seed, runtime.device
@@ -151,7 +180,9 @@ class Trainer:
         restore_rng_state(state.get("rng"), self.runtime.rank)
 
     def save_checkpoint(self, fid: float | None = None) -> None:
-        """Stalls every rank only for the snapshot; rank 0 writes it in the background."""
+        """Stalls every rank only for the snapshot; rank 0 writes it in the background (after the previous
+        save, which every rank waits for in short collectives, never one as long as the upload)."""
+        self.control.wait_for_rank0(self.checkpointer.idle)
         started = time.perf_counter()
         state = self.state_dict()
         if self.runtime.is_main:
@@ -163,11 +194,51 @@ class Trainer:
             }
             self.run_log.flush()  # the log is as complete as the checkpoint
             self.checkpointer.save(self.step, state, meta, fid=fid)
+        self.saved_step = self.step
         self.metrics.checkpoint_seconds.labels("stall").set(time.perf_counter() - started)
 
-    def maybe_resume(self) -> None:
+    def wait_for_checkpoint(self, deadline: float | None = None) -> None:
+        """Every rank: return once rank 0's last save is committed; raise its CheckpointError on every rank
+        when it could not be (or, given a ``deadline`` in time.monotonic(), was not by then)."""
+        in_time = self._wait_for_writer(deadline)
+        error = None
         if self.runtime.is_main:
-            self.checkpointer.wait()  # a save still running from an earlier train() call
+            try:
+                if not in_time:
+                    raise CheckpointError(self._late(self.saved_step))
+                self.checkpointer.wait()
+            except CheckpointError as err:
+                error = str(err)
+        error = self.control.from_rank0(error)
+        if error:
+            raise CheckpointError(error)
+
+    def _wait_for_writer(self, deadline: float | None = None) -> bool:
+        """Every rank, in collectives of a second each: until rank 0 writes no checkpoint, or the deadline
+        passed (then False on every rank)."""
+        late = False
+
+        def idle(seconds: float) -> bool:
+            nonlocal late
+            if deadline is not None:
+                seconds = max(0.0, min(seconds, deadline - time.monotonic()))
+            if self.checkpointer.idle(seconds):
+                return True
+            late = deadline is not None and time.monotonic() >= deadline
+            return late
+
+        self.control.wait_for_rank0(idle)
+        return not self.control.from_rank0(late)
+
+    def _late(self, step: int | None) -> str:
+        return (
+            f"checkpoint step_{step} was not committed to {self.checkpointer.url} within "
+            f"trainer.preemption_grace_seconds={self.cfg.trainer.preemption_grace_seconds:g}; the previous "
+            "checkpoint stays LATEST"
+        )
+
+    def maybe_resume(self) -> None:
+        self.wait_for_checkpoint()  # a save still running from an earlier train() call
         found = load_for_resume(
             self.checkpointer,
             rank=self.runtime.rank,
@@ -179,6 +250,7 @@ class Trainer:
         step, state, manifest = found
         where = self.checkpointer.store.url_of(f"step_{step}")
         refuse_other_model(manifest, to_dict(self.cfg.model), self.num_classes, where)
+        refuse_settings_kept_on_resume(manifest, to_dict(self.cfg), where)
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
@@ -186,20 +258,26 @@ class Trainer:
             raise CheckpointError(f"{where} does not fit this run: {first_line}") from None
         self.metrics.resumed_from(self.step)
         log.info("resumed from %s at step %d", where, self.step)
+        for change in changed_settings(manifest, to_dict(self.cfg)):
+            log.info("resumed with %s", change)  # these take effect from here on
 
     # --- the loop ----------------------------------------------------------------------------------
     def train(self) -> None:
-        """Train to ``trainer.max_steps``; on SIGTERM, stop early with a checkpoint (raises Terminated)."""
-        with StopRequest() as stop:  # before the DataLoader forks its workers: they inherit the handler
-            self._loop(stop)
+        self.preemption.install()
+        try:
+            self._train()
+        finally:
+            self.preemption.uninstall()
+            if self.progress is not None:
+                self.progress.close()  # ends the bar's line: an error message after it starts its own
 
-    def _loop(self, stop: StopRequest) -> None:
+    def _train(self) -> None:
         cfg, t, device = self.cfg, self.cfg.trainer, self.runtime.device
         self.maybe_resume()
         if self.evaluator is not None:
             self.evaluator.setup()  # extractors, classifier, reference features: fail now, not at the end
         batches = iter(self.stream)
-        progress = tqdm(
+        progress = self.progress = tqdm(
             total=t.max_steps,
             initial=self.step,
             disable=not self.runtime.is_main,
@@ -219,11 +297,16 @@ class Trainer:
                 z, y_fake = self._noise(phase)
                 d_update = self.backend.d_step(real, y_real, z, y_fake)
                 self.metrics.nonfinite.inc(0 if d_update.applied else 1)
+                self.nonfinite.observe(d_update.applied, self.step)
             z, y_fake = self._noise(t.n_dis)
             g_update = self.backend.g_step(z, y_fake)
             self.metrics.nonfinite.inc(0 if g_update.applied else 1)
+            self.nonfinite.observe(g_update.applied, self.step)
             self.ema.update(self.backend.G, 0.0 if self.step < t.ema_start_step else t.ema_decay)
             self.step += 1
+            if self.nonfinite.reload_due:
+                self._reload_last_good()
+                continue
             self.metrics.record_step(
                 time.perf_counter() - started, t.n_dis * self.batch_size, data_wait, step=self.step
             )
@@ -235,20 +318,60 @@ class Trainer:
             fid = self.evaluate() if self._evaluation_due() else None
             if self.step % cfg.checkpoint.interval_steps == 0 or self.step == t.max_steps:
                 self.save_checkpoint(fid=fid)
-            if self.step % t.log_interval == 0 and self.step < t.max_steps and stop.agreed(device):
-                self._stop_with_checkpoint()
+            stop_signal = self.control.lagged_max(self.preemption.signum or 0)
+            if stop_signal and self.step < t.max_steps:
+                progress.close()
+                self._stop_preempted(stop_signal)
         progress.close()
+        self.control.close()
         if self.runtime.is_main:
             self.run_log.flush()
-            self.checkpointer.wait()  # the job succeeds only once its last checkpoint is committed
+        self.wait_for_checkpoint()  # the job succeeds only once its last checkpoint is committed
 
-    def _stop_with_checkpoint(self) -> None:
-        if self.step % self.cfg.checkpoint.interval_steps:  # else this step's checkpoint is on its way
+    def _reload_last_good(self) -> None:
+        """Every rank, at the same step: back to the newest checkpoint from before the run of non-finite
+        updates (weights, optimizers, EMA, step); the data stream goes on where it is."""
+        back_to = self.nonfinite.check_reload_allowed()
+        skipped = self.nonfinite.consecutive
+        self._wait_for_writer()  # a save in flight is committed (or failed) before choosing
+        found = load_for_resume(
+            self.checkpointer, rank=self.runtime.rank, world_size=self.runtime.world_size, at_most=back_to
+        )
+        if found is None:
+            raise Diverged(
+                f"{skipped} consecutive non-finite updates since step {back_to} and no checkpoint from before "
+                f"them at {self.checkpointer.url} to go back to: lower the learning rates or check the data"
+            )
+        step, state, _ = found
+        self.step = int(state["step"])
+        self.backend.load_state_dict(state["backend"])
+        self.ema.load_state_dict(state["G_ema"])
+        self.nonfinite.reloaded()
+        self.metrics.nonfinite_reloads.inc()
+        log.warning(
+            "%d consecutive non-finite updates since step %d: reloaded checkpoint step_%d (reload %d of %d); "
+            "the data stream goes on",
+            skipped, back_to, step, self.nonfinite.reloads, self.nonfinite.max_reloads,
+        )  # fmt: skip
+        if self.progress is not None:
+            self.progress.n = self.step
+            self.progress.refresh()
+
+    def _stop_preempted(self, signum: int) -> None:
+        """Every rank, at the same step: checkpoint it, wait for the commit until the grace period's deadline."""
+        self.control.close()
+        log.warning("rank %d: stopping at step %d for a pre-emption", self.runtime.rank, self.step)
+        deadline = self.preemption.deadline or (
+            time.monotonic() + self.cfg.trainer.preemption_grace_seconds - EXIT_SECONDS
+        )
+        if self.saved_step != self.step:
+            if not self._wait_for_writer(deadline):  # the save before this one is still being written
+                raise CheckpointError(self._late(self.saved_step))
             self.save_checkpoint()
         if self.runtime.is_main:
             self.run_log.flush()
-            self.checkpointer.wait()
-        raise Terminated(self.step)
+        self.wait_for_checkpoint(deadline)
+        raise Preempted(signum, self.step, self.checkpointer.store.url_of(f"step_{self.step}"))
 
     def _evaluation_due(self) -> bool:
         every = self.cfg.eval.interval_steps
