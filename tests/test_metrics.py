@@ -10,8 +10,9 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from faults import Rule
 from prometheus_client.parser import text_string_to_metric_families
-from test_data_faults import FlakyProxy, png
+from test_data_faults import png, recommit
 
 from data_pipeline import storage
 from data_pipeline.manifest import read_manifest
@@ -136,7 +137,8 @@ NUM_SAMPLES = 40  # one epoch of 5 batches of 8
 
 @pytest.fixture
 def s3_dataset_with_a_bad_sample(moto_server, s3_bucket, tmp_path) -> str:
-    """40 noise images on the moto server in a few shards; one PNG of the first shard is not an image."""
+    """40 noise images on the moto server in a few shards; one PNG of the first shard is not an image
+    (the manifest records the shard as it is now, so only that sample is skipped)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -160,20 +162,19 @@ def s3_dataset_with_a_bad_sample(moto_server, s3_bucket, tmp_path) -> str:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     store.write_bytes(name, out.getvalue())
+    recommit(url, [0])  # a shard that matches its manifest, holding one undecodable image
     return url
 
 
 def test_counters_of_dataloader_workers_reach_the_endpoint(
-    s3_dataset_with_a_bad_sample, s3_env, monkeypatch, tmp_path
+    s3_dataset_with_a_bad_sample, fault_proxy, tmp_path
 ):
     """Two workers read the shards from S3 through a proxy that cuts one connection: the retry, the
     skipped sample and the bytes are counted in the workers and served by the rank's endpoint."""
     url = s3_dataset_with_a_bad_sample
     shards = read_manifest(url).shards
     assert len(shards) >= 2
-    proxy = FlakyProxy(s3_env)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-    proxy.target, proxy.cut_after = shards[1].name.encode(), 9_000
+    fault_proxy.add(Rule("truncate", match=shards[1].name.encode(), methods=("GET",), truncate_after=9_000))
     port = free_port()
     cfg = load_config(
         None,
@@ -194,13 +195,10 @@ def test_counters_of_dataloader_workers_reach_the_endpoint(
         ],
     )
     retries_here = storage.retry_count()
-    try:
-        trainer = Trainer(cfg, init_runtime("cpu"))
-        trainer.train()
-    finally:
-        proxy.close()
+    trainer = Trainer(cfg, init_runtime("cpu"))
+    trainer.train()
     m = scrape(port)
-    assert proxy.cuts == 1
+    assert fault_proxy.faults == {"truncate": 1}
     assert storage.retry_count() == retries_here  # not retried in this process: in a worker
     assert m[("sagan_s3_retries_total", ())] == 1
     assert m[("sagan_data_samples_skipped_total", (("reason", "decode"),))] == 1
