@@ -167,7 +167,10 @@ def _imagefolder(root: Path, synsets: Path | None) -> Source:
                     continue  # a broken link
                 if stat.S_ISREG(status.st_mode):
                     files.append((os.path.relpath(path, root), label))
-                    digest.update(f"{files[-1][0]}\t{status.st_size}\t{label}\n".encode())
+                    # surrogateescape: a file name that is not UTF-8 is bytes all the same
+                    digest.update(
+                        f"{files[-1][0]}\t{status.st_size}\t{label}\n".encode("utf-8", "surrogateescape")
+                    )
     if not files:
         raise DataError(f"no images in {root}: expected one sub-folder per class holding image files")
     fingerprint = digest.hexdigest()[:16]

@@ -177,7 +177,9 @@ def test_prepare_skips_and_counts_bad_source_images_and_a_failed_prepare_keeps_t
     bad_only = tmp_path / "bad-only"
     (bad_only / "a").mkdir(parents=True)
     (bad_only / "a" / "bomb.png").write_bytes(BOMB)
-    with pytest.raises(DataError, match="no readable images in source") as raised:
+    with pytest.raises(
+        DataError, match=r"none of the first 1 images of imagefolder:\S+ is readable"
+    ) as raised:
         prepare(f"imagefolder:{bad_only}", out, image_size=8, progress=False)
     assert "\n" not in str(raised.value)
     after = {name: open_store(out).read_bytes(name) for name in open_store(out).list()}

@@ -384,7 +384,10 @@ REFUSALS = [
     (["trainer.precision=fp8"], "trainer.precision='fp8' is not one of"),
     (["--workload", "trainjob", "--nodes", "2:4"], "Kubeflow Trainer v2 has no elastic mode"),
     (["--nodes", "4:2"], "--nodes '4:2' needs 1 <= MIN <= MAX"),
-    (["--gpus-per-node", "0", "--nodes", "5"], "the world size 5 (5 nodes × 1 CPU process)"),
+    (
+        ["--gpus-per-node", "0", "--nodes", "5", "trainer.global_batch_size=4"],
+        "smaller than the world size 5 (5 nodes × 1 CPU process)",
+    ),
     (["trainer.device=cpu"], "trainer.device=cpu but --gpus-per-node 8"),
     (["--memory", "4Gi"], "--memory 4Gi does not exceed the pod's memory-backed /dev/shm"),
     (["--name", "Sagan_Run"], "job name 'Sagan_Run' must be lower-case"),
