@@ -178,6 +178,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         d_update = g_update = None
+        skipped = torch.zeros((), device=device)  # updates skipped since the last log, counted on the device
         while self.step < t.max_steps:
             started = time.perf_counter()
             data_wait = 0.0
@@ -189,16 +190,18 @@ class Trainer:
                 y_real = labels.to(device, non_blocking=True)
                 z, y_fake = self._noise(phase)
                 d_update = self.backend.d_step(real, y_real, z, y_fake)
-                self.metrics.nonfinite.inc(0 if d_update.applied else 1)
+                skipped += d_update.skipped
             z, y_fake = self._noise(t.n_dis)
             g_update = self.backend.g_step(z, y_fake)
-            self.metrics.nonfinite.inc(0 if g_update.applied else 1)
+            skipped += g_update.skipped
             self.ema.update(self.backend.G, 0.0 if self.step < t.ema_start_step else t.ema_decay)
             self.step += 1
             self.metrics.record_step(time.perf_counter() - started, t.n_dis * self.batch_size, data_wait)
             progress.update()
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
-                self._log(d_update, g_update, progress)
+                self.metrics.nonfinite.inc(float(skipped))  # host synchronisations only when logging
+                skipped.zero_()
+                self._log(d_update.read(), g_update.read(), progress)
             if self.step % t.sample_interval == 0 or self.step == t.max_steps:
                 self._save_samples()
             if self.step % cfg.checkpoint.interval_steps == 0 or self.step == t.max_steps:
