@@ -24,6 +24,7 @@ Gathering is a collective: every rank must call ``state_dict()`` (the tensors ar
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -53,6 +54,8 @@ from deepspeed.utils import (
 )
 
 from models.losses import d_hinge_loss, g_hinge_loss
+
+log = logging.getLogger("trainer")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -109,6 +112,10 @@ class DeepSpeedBackend:
     def __init__(self, G: nn.Module, D: nn.Module, cfg: TrainerConfig, runtime: Runtime):
         check_supported(cfg)
         ensure_process_group(runtime)
+        if cfg.channels_last:
+            log.info(
+                "trainer.channels_last: not applied by the deepspeed backend (it broadcasts weights as bytes)"
+            )
         self.cfg = cfg
         self.world_size = runtime.world_size
         self.dtype = DTYPES[cfg.precision]

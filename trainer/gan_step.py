@@ -134,6 +134,9 @@ def batch_norm_groups(G: nn.Module, cfg: TrainerConfig, world_size: int) -> nn.M
 class DDPBackend:
     """Plain PyTorch: DDP-wrapped G and D when the world is larger than one, Adam, a GradScaler per net.
 
+    With ``trainer.channels_last`` the weights, activations, gradients and Adam's moments are NHWC,
+    the layout oneDNN's and cuDNN's convolutions (and the attention block's token-major views) want.
+
     Buffers are synchronised once, when DDP wraps the nets, and never again: G's batch-norm
     statistics stay per rank, as in the original work, and spectral norm's u and v need no syncing —
     each power iteration is a deterministic function of u, v and the weights, which are bit-identical
@@ -144,8 +147,9 @@ class DDPBackend:
         self.cfg = cfg
         self.device = runtime.device
         self.world_size = runtime.world_size
-        self.G = G.to(self.device)
-        self.D = D.to(self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.G = G.to(self.device, memory_format=self.memory_format)
+        self.D = D.to(self.device, memory_format=self.memory_format)
         self.generate = batch_norm_groups(self.G, cfg, runtime.world_size)
         if runtime.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -169,6 +173,7 @@ class DDPBackend:
     def d_step(
         self, real: torch.Tensor, y_real: torch.Tensor, z: torch.Tensor, y_fake: torch.Tensor
     ) -> Update:
+        real = real.contiguous(memory_format=self.memory_format)
         with torch.no_grad(), self._autocast():
             fake = self.generate(z, y_fake)
         with self._autocast():
