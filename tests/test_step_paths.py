@@ -3,6 +3,8 @@ torch.compile's fallback."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from models.sagan import ModelConfig, build_models
@@ -46,3 +48,17 @@ def test_channels_last_steps_like_contiguous():
         assert float((diff <= 1e-5).float().mean()) > 0.97, f"up to {float(diff.max())}"
     state = nhwc.opt_d.state[conv]
     assert state["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compile_without_a_code_generator_trains_eagerly(monkeypatch, caplog):
+    """trainer.compile=true where Inductor finds no C++ compiler: one warning, then the eager step exactly."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/g++"))
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        fallback = tiny_backend(compile=True, channels_last=False)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("trainer.compile=true, but Inductor finds no C++ compiler")
+    assert warning.endswith("training runs eagerly")
+    assert fallback.d_train is fallback.D and fallback.g_no_grad is fallback.G
+    assert two_steps(fallback) == two_steps(tiny_backend(compile=False, channels_last=False))

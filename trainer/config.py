@@ -42,6 +42,7 @@ class TrainerConfig:
     bn_group_size: int = 0  # G's batch-norm statistics per group of this many samples; 0: the rank's batch
     timeout_seconds: int = 600  # a collective that waits longer fails the job instead of hanging it
     channels_last: bool = True  # NHWC weights and activations (ddp backend): faster convolutions
+    compile: bool = False  # torch.compile the step's passes (ddp backend); eager when it cannot
 
 
 @dataclass

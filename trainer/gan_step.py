@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
 from models.losses import d_hinge_loss, g_hinge_loss
+from trainer.compilation import compiler
 from trainer.config import ConfigError, TrainerConfig
 from trainer.distributed import Runtime
 
@@ -161,6 +162,9 @@ class DDPBackend:
             )
         else:
             self.g_train, self.d_train = self.generate, self.D
+        compile_ = compiler(cfg.compile, self.device)
+        self.g_train, self.d_train = compile_(self.g_train), compile_(self.d_train)
+        self.g_no_grad, self.d_frozen = compile_(self.generate), compile_(self.D)  # D step's G, G step's D
         self.opt_g = fused_adam(G, cfg.lr_g, cfg.betas_g)
         self.opt_d = fused_adam(D, cfg.lr_d, cfg.betas_d)
         fp16 = cfg.precision == "fp16"
@@ -175,7 +179,7 @@ class DDPBackend:
     ) -> Update:
         real = real.contiguous(memory_format=self.memory_format)
         with torch.no_grad(), self._autocast():
-            fake = self.generate(z, y_fake)
+            fake = self.g_no_grad(z, y_fake)
         with self._autocast():
             # One D forward over real and fake: one spectral-norm power iteration per D step.
             logits = self.d_train(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake]))
@@ -186,7 +190,7 @@ class DDPBackend:
         self.D.requires_grad_(False)
         try:
             with self._autocast():
-                loss = g_hinge_loss(self.D(self.g_train(z, y_fake), y_fake))
+                loss = g_hinge_loss(self.d_frozen(self.g_train(z, y_fake), y_fake))
             return self._apply(loss, self.G, self.opt_g, self.scaler_g)
         finally:
             self.D.requires_grad_(True)
