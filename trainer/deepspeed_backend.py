@@ -116,6 +116,8 @@ class DeepSpeedBackend:
             log.info(
                 "trainer.channels_last: not applied by the deepspeed backend (it broadcasts weights as bytes)"
             )
+        if cfg.compile:
+            log.warning("trainer.compile=true: not applied by the deepspeed backend; training runs eagerly")
         self.cfg = cfg
         self.world_size = runtime.world_size
         self.dtype = DTYPES[cfg.precision]
