@@ -24,6 +24,9 @@ class StepOptions:
     one_d_pass: bool = False  # D over cat(real, fake) instead of two passes
     channels_last: bool = False  # NHWC activations for the convolutions
     foreach_ema: bool = False  # EMA as one torch._foreach_lerp_ instead of a loop over parameters
+    fused_resample: bool = (
+        False  # upsample+conv and conv+avgpool as one strided 4x4 conv (models/resample.py)
+    )
 
 
 class ReferenceStep:
@@ -31,6 +34,9 @@ class ReferenceStep:
 
     def __init__(self, G: nn.Module, D: nn.Module, options: StepOptions, ema_decay: float = 0.999):
         self.options = options
+        for block in (*G.modules(), *D.modules()):
+            if hasattr(block, "fused_resample"):
+                block.fused_resample = options.fused_resample
         memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         self.G, self.D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
         self.memory_format = memory_format
@@ -68,7 +74,7 @@ class ReferenceStep:
         loss.backward()
         opt.step()
         if not self.options.device_values:
-            self.logged.append(float(loss))
+            self.logged.append(loss.item())
 
     @torch.no_grad()
     def _ema(self) -> None:

@@ -62,6 +62,17 @@ ABLATION = {  # cumulative: each row adds one change to the row above
             fused_adam=True, device_values=True, one_d_pass=True, foreach_ema=True, channels_last=True
         ),
     ),
+    "+ resampling folded into strided 4×4 convolutions": (
+        "sdpa",
+        StepOptions(
+            fused_adam=True,
+            device_values=True,
+            one_d_pass=True,
+            foreach_ema=True,
+            channels_last=True,
+            fused_resample=True,
+        ),
+    ),
 }
 
 
