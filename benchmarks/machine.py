@@ -59,7 +59,7 @@ def headline(info: dict[str, object]) -> str:
     load = ", ".join(f"{value:.2f}" for value in info["load_average"])
     return (
         f"CPU {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['capability']}), "
-        f"{info['threads']} threads; bf16 instructions: {bf16}; load average {load}"
+        f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}; bf16 instructions: {bf16}; load average {load}"
     )
 
 

@@ -30,7 +30,7 @@ from benchmarks import machine
 from benchmarks.counting import flops_of, host_syncs_of
 from benchmarks.reference_step import ReferenceStep, StepOptions
 from benchmarks.report import Result, Table
-from benchmarks.timing import alternate, median
+from benchmarks.timing import alternate
 from models.ema import EMA
 from models.sagan import build_models
 from trainer.config import load_config
@@ -161,39 +161,57 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
             result.notes.append(
                 f"torch.compile at {resolution}×{resolution}: the first step took {time.perf_counter() - started:.0f} s."
             )
-        seconds = alternate(contenders, warmup=options.warmup, repeats=options.repeats)
+        samples = alternate(contenders, warmup=options.warmup, repeats=options.repeats)
         model_flops = flops_of(contenders["reference"])
         executed = flops_of(contenders["ours"])
         syncs = {name: host_syncs_of(call) for name, call in contenders.items()}
-        raw[resolution] = {"seconds": seconds, "model_flops": model_flops, "executed_flops": executed}
         peaks.append(machine.peak_matmul_flops())
-        base = median(seconds["reference"])
-        for name in contenders:
-            t = median(seconds[name])
+        raw[resolution] = {
+            "wall": {n: s.wall for n, s in samples.items()},
+            "cpu": {n: s.cpu for n, s in samples.items()},
+            "model_flops": model_flops,
+            "executed_flops": executed,
+            "host_syncs": syncs,
+        }
+        base = samples["reference"]
+        for name, s in samples.items():
             rows.append([
-                f"{resolution}×{resolution}", name, f"{options.batch / t:.2f}", f"{base / t:.2f}×", syncs[name],
-                f"{(model_flops if name == 'reference' else executed) / 1e9:.1f}",
-                f"{model_flops / t / max(peaks) * 100:.0f}%",
+                f"{resolution}×{resolution}", name, f"{options.batch / s.seconds:.2f}", f"{s.seconds:.2f} s",
+                f"{s.cpu_seconds:.2f} s", f"{base.seconds / s.seconds:.2f}×", f"{base.cpu_seconds / s.cpu_seconds:.2f}×",
+                syncs[name], f"{(model_flops if name == 'reference' else executed) / 1e9:.0f}",
+                f"{model_flops / s.seconds / max(peaks) * 100:.0f}%",
             ])  # fmt: skip
         print(
             f"{resolution}: "
-            + ", ".join(f"{n} {options.batch / median(s):.2f} img/s" for n, s in seconds.items()),
+            + ", ".join(f"{n} {options.batch / s.seconds:.2f} img/s" for n, s in samples.items()),
             flush=True,
         )
     peak = max(peaks)
     result.tables.append(
         Table(
-            ["resolution", "path", "img/s", "vs reference", "host syncs/step", "GFLOP/step run", "MFU"],
+            [
+                "resolution",
+                "path",
+                "img/s",
+                "step",
+                "CPU time",
+                "vs reference",
+                "vs reference (CPU time)",
+                "host syncs/step",
+                "GFLOP/step run",
+                "MFU",
+            ],
             rows,
-            f"fp32, batch {options.batch}, widths {options.width}; median of {options.repeats} alternating steps after "
-            f"{options.warmup} warm-up; peak fp32 matmul {peak / 1e9:.1f} GFLOP/s (torch.mm 2048², best of "
-            f"{len(peaks)} measurements during the run)",
+            f"fp32, batch {options.batch}, widths {options.width}, {torch.get_num_threads()} thread(s); median of "
+            f"{options.repeats} alternating steps after {options.warmup} warm-up; peak fp32 matmul "
+            f"{peak / 1e9:.1f} GFLOP/s (torch.mm 2048², the best of {len(peaks)} measurements during the run)",
         )
     )
     result.notes.append(
-        "MFU = the model's FLOPs per step (counted over the reference step: explicit attention, no "
-        "padding) / step time / peak. *GFLOP/step run* is what each path executes: ours pads query and "
-        "key to the value's width for the fused kernel."
+        "MFU = the model's FLOPs per step (counted over the reference step: explicit attention, 3×3 "
+        "convolutions at full resolution) / step time / peak. *GFLOP/step run* is what each path executes: "
+        "ours pads query and key to the value's width for the fused kernel (more), and folds the 2× "
+        "resampling into strided 4×4 convolutions (fewer). *CPU time* is this process's, all threads."
     )
     if not machine.has_bf16_instructions(info):
         bf16_peak = machine.peak_matmul_flops(torch.bfloat16, size=1024, repeats=2)
@@ -202,30 +220,42 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
             f"{bf16_peak / 1e9:.2f} GFLOP/s vs fp32 {peak / 1e9:.1f}), so a bf16 ratio would mislead."
         )
     if options.ablation and 64 in options.resolutions:
-        result.tables.append(ablation(options, device))
+        table, raw["ablation"] = ablation(options, device)
+        result.tables.append(table)
     result.data = {"peak_fp32_flops": peak, "peaks": peaks, "resolutions": raw}
     result.uptime_after = machine.uptime()
     return result
 
 
-def ablation(options: Options, device: torch.device) -> Table:
+def ablation(options: Options, device: torch.device) -> tuple[Table, dict[str, object]]:
     contenders = {
         name: reference_step(64, impl, step, options, device) for name, (impl, step) in ABLATION.items()
     }
     contenders["ours (DDPBackend + EMA, the trainer's path)"] = our_step(64, options, device)
-    seconds = alternate(contenders, warmup=options.warmup, repeats=options.repeats)
-    base = median(seconds["reference"])
-    rows, previous = [], base
-    for name, values in seconds.items():
-        t = median(values)
-        rows.append([name, f"{options.batch / t:.2f}", f"{base / t:.2f}×", f"{previous / t:.2f}×"])
-        previous = t if name in ABLATION else previous
-    return Table(
-        ["64×64 step", "img/s", "vs reference", "vs row above"],
+    samples = alternate(contenders, warmup=options.warmup, repeats=options.repeats)
+    base = previous = samples["reference"]
+    rows = []
+    for name, s in samples.items():
+        rows.append([
+            name, f"{options.batch / s.seconds:.2f}", f"{s.cpu_seconds:.2f} s",
+            f"{base.seconds / s.seconds:.2f}×", f"{base.cpu_seconds / s.cpu_seconds:.2f}×",
+            f"{previous.cpu_seconds / s.cpu_seconds:.2f}×",
+        ])  # fmt: skip
+        previous = s if name in ABLATION else previous
+    table = Table(
+        [
+            "64×64 step",
+            "img/s",
+            "CPU time",
+            "vs reference",
+            "vs reference (CPU time)",
+            "vs row above (CPU time)",
+        ],
         rows,
         f"Which change gives what: 64×64, fp32, batch {options.batch}, the changes added one at a time "
-        f"(median of {options.repeats} alternating steps)",
+        f"(median of {options.repeats} alternating steps, {torch.get_num_threads()} thread(s))",
     )
+    return table, {name: {"wall": s.wall, "cpu": s.cpu} for name, s in samples.items()}
 
 
 def main() -> None:

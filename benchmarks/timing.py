@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,27 +16,41 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+@dataclass
+class Samples:
+    wall: list[float] = field(default_factory=list)  # seconds per call
+    cpu: list[float] = field(default_factory=list)  # this process's CPU seconds per call, all threads
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return statistics.median(self.cpu)
+
+
 def alternate(
     contenders: dict[str, Callable[[], object]], *, warmup: int, repeats: int
-) -> dict[str, list[float]]:
-    """Seconds per call of each contender: ``warmup`` untimed rounds, then ``repeats`` timed rounds,
-    one call of each contender per round, the order rotated every round so that none always runs
-    first (or right after the same neighbour) while the machine's load drifts."""
+) -> dict[str, Samples]:
+    """Wall and CPU time per call of each contender: ``warmup`` untimed rounds, then ``repeats`` timed
+    rounds, one call of each contender per round, the order rotated every round so that none always
+    runs first (or right after the same neighbour) while the machine's load drifts.
+
+    With one thread, CPU time hardly moves with other processes' load (wall time does, when they take
+    the core); with several, it also counts threads waiting for each other."""
     names = list(contenders)
     for _ in range(warmup):
         for name in names:
             contenders[name]()
-    seconds: dict[str, list[float]] = {name: [] for name in names}
+    samples = {name: Samples() for name in names}
     for round_ in range(repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             synchronize()
-            started = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             contenders[name]()
             synchronize()
-            seconds[name].append(time.perf_counter() - started)
-    return seconds
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+            samples[name].wall.append(time.perf_counter() - wall)
+            samples[name].cpu.append(time.process_time() - cpu)
+    return samples
