@@ -222,6 +222,8 @@ class Trainer:
             self.num_classes,
             self.rank_slice,
         )
+        if self.runtime.device.type == "cuda":  # a copy from pinned memory does not wait for the device
+            z, y = z.pin_memory(), y.pin_memory()
         return z.to(self.runtime.device, non_blocking=True), y.to(self.runtime.device, non_blocking=True)
 
     def _log(self, d_update, g_update, progress) -> None:
