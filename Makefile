@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0+cpu
 BIN := $(VENV)/bin
 APT_PACKAGES := dataset-fashion-mnist prometheus
 
-.PHONY: setup system train smoke test lint format k8s-manifests clean
+.PHONY: setup system train smoke test bench lint format k8s-manifests clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ train: setup system
 
 smoke: setup
 	$(BIN)/sagan train configs/smoke.yaml
+
+# The benchmarks (about an hour on 2 cores): JSON in benchmarks/results/, tables in docs/performance.md.
+bench: setup system
+	$(BIN)/python -m benchmarks
 
 lint: setup
 	$(BIN)/ruff check .

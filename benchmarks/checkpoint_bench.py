@@ -1,8 +1,9 @@
 """Training stall of a checkpoint save, asynchronous vs synchronous, for the default model.
 
-    .venv/bin/python benchmarks/checkpoint_bench.py                    # local disk, the default model
-    .venv/bin/python benchmarks/checkpoint_bench.py --moto             # a local S3 server (moto) over HTTP
-    .venv/bin/python benchmarks/checkpoint_bench.py model.g_channels=64 model.d_channels=64
+    python -m benchmarks checkpoint                                    # via the entry point: local disk and S3
+    python -m benchmarks.checkpoint_bench                              # by hand: local disk, the default model
+    python -m benchmarks.checkpoint_bench --moto                       # a local S3 server (moto) over HTTP
+    python -m benchmarks.checkpoint_bench model.g_channels=64 model.d_channels=64
 
 A real Trainer (the default config; data: the bundled digits, the same 32x32 and 10 classes as the
 default Fashion-MNIST run) takes GAN steps on fixed batches. Each save goes through
@@ -18,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
 import tempfile
 import time
 from collections.abc import Iterator
 
 import torch
-from local_s3 import moto_server  # benchmarks/local_s3.py, beside this script
 
+from benchmarks import machine
+from benchmarks.local_s3 import moto_server
+from benchmarks.report import Result, Table
 from trainer.checkpoint import Checkpointer
 from trainer.config import load_config
 from trainer.distributed import init_runtime
@@ -94,17 +98,18 @@ def checkpoint_bucket() -> Iterator[str]:
         yield "s3://bench/checkpoints"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--saves", type=int, default=5, help="saves per mode; medians are printed")
-    parser.add_argument("--steps", type=int, default=2, help="training steps taken after each save")
-    parser.add_argument(
-        "--moto", action="store_true", help="checkpoints to a local S3 server instead of disk"
-    )
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.g_channels=64")
-    args = parser.parse_args()
+@dataclasses.dataclass
+class Options:
+    saves: int = 5
+    steps: int = 2
+    targets: tuple[str, ...] = ("disk", "s3")
+    overrides: tuple[str, ...] = ()
+
+
+def measure_target(target: str, options: Options) -> dict[str, object]:
+    """Sync and async saves of the default model's trainer to local disk or the moto S3 server."""
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
-        url = stack.enter_context(checkpoint_bucket()) if args.moto else f"{scratch}/checkpoints"
+        url = stack.enter_context(checkpoint_bucket()) if target == "s3" else f"{scratch}/checkpoints"
         cfg = load_config(
             None,
             [
@@ -114,33 +119,63 @@ def main() -> None:
                 f"run.dir={scratch}/run",
                 "metrics.port=0",
                 "checkpoint.resume=false",
-                *args.overrides,
+                *options.overrides,
             ],
         )
         runtime = init_runtime("cpu")
         ensure_dataset(cfg, runtime)
         trainer = Trainer(cfg, runtime)
         real, labels = fixed_batch(trainer)
-        baseline = statistics.median(gan_step(trainer, real, labels) for _ in range(4))
+        step = statistics.median(gan_step(trainer, real, labels) for _ in range(4))
         parameters = sum(
             p.numel() for net in (trainer.backend.G, trainer.backend.D) for p in net.parameters()
         )
-        results = {
-            mode: measure(trainer, url, mode == "async", args.saves, args.steps) for mode in ("sync", "async")
+        modes = {
+            mode: measure(trainer, url, mode == "async", options.saves, options.steps)
+            for mode in ("sync", "async")
         }
         size = Checkpointer(url).load_latest()[2]["files"]["state.pt"]["bytes"]
-    m = cfg.model
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; model g_channels={m.g_channels} "
-        f"d_channels={m.d_channels} z_dim={m.z_dim} resolution={m.resolution}: {parameters / 1e6:.2f}M parameters "
-        f"(G+D); batch {trainer.batch_size}; checkpoints on {'S3 (moto)' if args.moto else 'local disk'}, "
-        f"{size / 2**20:.1f} MB each"
+    return {"step": step, "parameters": parameters, "bytes": size, "modes": modes}
+
+
+def run(options: Options, command: str = "python -m benchmarks checkpoint") -> Result:
+    result = Result("checkpoint", command, machine.headline(machine.describe()), machine.uptime())
+    rows, raw = [], {}
+    for target in options.targets:
+        raw[target] = r = measure_target(target, options)
+        sync, asynchronous = r["modes"]["sync"], r["modes"]["async"]
+        for mode, m in r["modes"].items():
+            rows.append([
+                "local disk" if target == "disk" else "S3 (moto)", mode, f"{m['stall'] * 1e3:.0f} ms",
+                f"{m['write'] * 1e3:.0f} ms", f"{m['cpu'] * 1e3:.0f} ms",
+                f"{m['stall'] / sync['stall'] * 100:.0f}%", f"{r['step'] * 1e3:.0f} ms",
+            ])  # fmt: skip
+        print(f"{target}: stall sync {sync['stall']:.3f} s, async {asynchronous['stall']:.3f} s", flush=True)
+    first = next(iter(raw.values()))
+    result.tables.append(
+        Table(
+            ["target", "mode", "stall", "write", "cpu", "stall vs sync", "step without a save"],
+            rows,
+            f"The default model ({first['parameters'] / 1e6:.2f}M parameters, {first['bytes'] / 2**20:.1f} MB "
+            f"per checkpoint): medians of {options.saves} saves, {options.steps} training steps after each",
+        )
     )
-    print(f"training step without a save: {baseline * 1e3:.1f} ms (median)", flush=True)
-    print(f"{'mode':>6} {'stall ms':>9} {'write ms':>9} {'cpu ms':>7}  (medians of {args.saves} saves)")
-    for mode, r in results.items():
-        note = f"  ({r['unfinished']} writes outlasted {args.steps} steps)" if r["unfinished"] else ""
-        print(f"{mode:>6} {r['stall'] * 1e3:9.1f} {r['write'] * 1e3:9.1f} {r['cpu'] * 1e3:7.1f}{note}")
+    result.data = raw
+    result.uptime_after = machine.uptime()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--saves", type=int, default=5, help="saves per mode; medians are printed")
+    parser.add_argument("--steps", type=int, default=2, help="training steps taken after each save")
+    parser.add_argument(
+        "--moto", action="store_true", help="checkpoints to a local S3 server instead of disk"
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.g_channels=64")
+    args = parser.parse_args()
+    options = Options(args.saves, args.steps, ("s3",) if args.moto else ("disk",), tuple(args.overrides))
+    print(run(options, "python -m benchmarks.checkpoint_bench").text())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Weak scaling on this machine: training images/s for 1, 2, ... processes with the same per-rank batch.
 
-    .venv/bin/python benchmarks/scaling_bench.py                       # DDP, 1 and 2 processes
-    .venv/bin/python benchmarks/scaling_bench.py --procs 1,2,4 --per-rank-batch 32 --steps 60
-    .venv/bin/python benchmarks/scaling_bench.py --backend deepspeed -- trainer.zero_stage=2
+    python -m benchmarks scaling                                   # via the entry point: DDP and DeepSpeed
+    python -m benchmarks.scaling_bench                             # DDP, 1 and 2 processes
+    python -m benchmarks.scaling_bench --procs 1,2,4 --per-rank-batch 32 --steps 60
+    python -m benchmarks.scaling_bench --backend deepspeed -- trainer.zero_stage=2
 
 Each row is a real ``sagan train`` run (torchrun for more than one process) on the bundled digits at
 32x32, G and D 16 channels wide; anything after ``--`` is passed on as config overrides. Images/s
@@ -15,12 +16,15 @@ the one-process rate, and the shortfall is the gradient all-reduce plus whatever
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import machine
+from benchmarks.report import Result, Table
 from trainer.run_log import read_run_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +66,51 @@ def train(procs: int, args: argparse.Namespace, run_dir: Path, overrides: list[s
     return steps * args.per_rank_batch * procs / (rows["time"][last] - rows["time"][first])
 
 
+@dataclasses.dataclass
+class Options:
+    procs: tuple[int, ...] = (1, 2)
+    per_rank_batch: int = 8
+    steps: int = 40
+    warmup: int = 10
+    backends: tuple[str, ...] = ("ddp", "deepspeed")
+    threads: int = 1
+    data: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+def run(options: Options, command: str = "python -m benchmarks scaling") -> Result:
+    if options.steps <= options.warmup or options.steps % options.warmup:
+        raise SystemExit(f"steps={options.steps} must be a multiple of warmup={options.warmup} and larger")
+    result = Result("scaling", command, machine.headline(machine.describe()), machine.uptime())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sagan-scaling-") as tmp:
+        data = options.data
+        if data is None:
+            data = str(Path(tmp) / "digits-32")
+            from data_pipeline.prepare import prepare
+
+            prepare("digits", data, image_size=32, progress=False)
+        for backend in options.backends:
+            args = argparse.Namespace(**{**dataclasses.asdict(options), "data": data, "backend": backend})
+            first = None
+            for procs in options.procs:
+                rate = train(procs, args, Path(tmp) / f"run-{backend}-{procs}", list(options.overrides))
+                first = first or rate
+                rows.append([backend, procs, options.per_rank_batch * procs, f"{rate:.1f}", f"{rate / procs:.1f}",
+                             f"{rate / first:.2f}×"])  # fmt: skip
+                print(f"{backend} {procs} processes: {rate:.1f} images/s", flush=True)
+    result.tables.append(
+        Table(
+            ["backend", "processes", "global batch", "images/s", "per process", "vs one"],
+            rows,
+            f"Weak scaling: {options.per_rank_batch} images per rank, {options.threads} thread(s) per process, "
+            f"{' '.join(MODEL)}; timed from rank 0's run log after {options.warmup} warm-up steps",
+        )
+    )
+    result.uptime_after = machine.uptime()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--procs", default="1,2", help="comma-separated process counts")
@@ -73,27 +122,17 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="a prepared dataset (default: digits, prepared here)")
     parser.add_argument("overrides", nargs="*", help="config overrides after --, e.g. trainer.precision=bf16")
     args = parser.parse_args()
-    if args.steps <= args.warmup or args.steps % args.warmup:
-        sys.exit(f"--steps={args.steps} must be a multiple of --warmup={args.warmup} and larger")
-
-    with tempfile.TemporaryDirectory(prefix="sagan-scaling-") as tmp:
-        if args.data is None:
-            args.data = str(Path(tmp) / "digits-32")
-            from data_pipeline.prepare import prepare
-
-            prepare("digits", args.data, image_size=32, progress=False)
-        print(
-            f"backend={args.backend}, per-rank batch {args.per_rank_batch}, {args.threads} thread(s) per "
-            f"process, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f}), {' '.join(MODEL)}"
-        )
-        print(f"{'procs':>5} {'global batch':>12} {'images/s':>9} {'per proc':>9} {'vs first':>9}")
-        baseline = None
-        for procs in (int(p) for p in args.procs.split(",")):
-            rate = train(procs, args, Path(tmp) / f"run-{procs}", args.overrides)
-            baseline = baseline or rate
-            print(
-                f"{procs:>5} {args.per_rank_batch * procs:>12} {rate:>9.1f} {rate / procs:>9.1f} {rate / baseline:>8.2f}x"
-            )
+    options = Options(
+        tuple(int(p) for p in args.procs.split(",")),
+        args.per_rank_batch,
+        args.steps,
+        args.warmup,
+        (args.backend,),
+        args.threads,
+        args.data,
+        tuple(args.overrides),
+    )
+    print(run(options, "python -m benchmarks.scaling_bench").text())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Images/s streamed and decoded by one rank's ShardStream: local disk vs a local S3 server (moto).
 
-    .venv/bin/python benchmarks/stream_bench.py                    # Fashion-MNIST 32x32, 0 and 2 workers
-    .venv/bin/python benchmarks/stream_bench.py --shard-size 8MB --batches 100
-    AWS_ENDPOINT_URL=... .venv/bin/python benchmarks/stream_bench.py --bucket my-bench-bucket   # real S3
+    python -m benchmarks data                                      # via the entry point
+    python -m benchmarks.stream_bench                              # Fashion-MNIST 32x32, 0 and 2 workers
+    python -m benchmarks.stream_bench --shard-size 8MB --batches 100
+    AWS_ENDPOINT_URL=... python -m benchmarks.stream_bench --bucket my-bench-bucket   # real S3
 
 Fashion-MNIST is prepared once into a temporary folder and copied into the bucket (a moto server on
 127.0.0.1 started here unless --bucket names an existing one). Each row streams whole batches from a
@@ -12,16 +13,17 @@ fresh stream for one epoch (or --batches), start-up included: DataLoader workers
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
-import os
 import tempfile
 import time
 import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
-from local_s3 import moto_server  # benchmarks/local_s3.py, beside this script
-
+from benchmarks import machine
+from benchmarks.local_s3 import moto_server
+from benchmarks.report import Result, Table
 from data_pipeline.manifest import MANIFEST_NAME, read_manifest
 from data_pipeline.prepare import parse_size, prepare
 from data_pipeline.storage import open_store
@@ -49,26 +51,27 @@ def measure(url: str, num_workers: int, batch_size: int, batches: int | None) ->
     return count, first, count * batch_size / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default="fashion-mnist")
-    parser.add_argument("--shard-size", default="64MB")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=None, help="per row (default: one epoch)")
-    parser.add_argument("--workers", default="0,2")
-    parser.add_argument(
-        "--bucket", default=None, help="an existing bucket (AWS variables set) instead of moto"
-    )
-    args = parser.parse_args()
+@dataclasses.dataclass
+class Options:
+    source: str = "fashion-mnist"
+    shard_size: str = "8MB"
+    batch_size: int = 256
+    batches: int | None = None  # per row; None: one epoch
+    workers: tuple[int, ...] = (0, 2)
+    bucket: str | None = None  # an existing bucket (AWS variables set) instead of moto
 
+
+def run(options: Options, command: str = "python -m benchmarks data") -> Result:
+    result = Result("data", command, machine.headline(machine.describe()), machine.uptime())
+    rows = []
     with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmp:
         local = str(Path(tmp) / "data")
         summary = prepare(
-            args.source, local, image_size=32, shard_size=parse_size(args.shard_size), progress=False
+            options.source, local, image_size=32, shard_size=parse_size(options.shard_size), progress=False
         )
-        print(summary)
-        with moto_server() if args.bucket is None else nullcontext():
-            bucket = args.bucket
+        print(summary, flush=True)
+        with moto_server() if options.bucket is None else nullcontext():
+            bucket = options.bucket
             if bucket is None:
                 bucket = f"bench-{uuid.uuid4().hex[:8]}"
                 import boto3
@@ -76,17 +79,46 @@ def main() -> None:
                 boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=bucket)
             remote = f"s3://{bucket}/stream-bench-{uuid.uuid4().hex[:8]}"
             copy_dataset(local, remote)
-            print(
-                f"batch {args.batch_size}, resolution 32, {os.cpu_count()} CPUs, shard size {args.shard_size}"
-            )
-            print(f"{'source':<8} {'workers':>7} {'batches':>8} {'first batch s':>14} {'images/s':>10}")
-            for name, url in (("disk", local), ("s3", remote)):
-                for workers in (int(w) for w in args.workers.split(",")):
-                    count, first, rate = measure(url, workers, args.batch_size, args.batches)
-                    print(f"{name:<8} {workers:>7} {count:>8} {first:>14.2f} {rate:>10.0f}", flush=True)
-            if args.bucket is not None:
+            for name, url in (("disk", local), ("S3 (moto)" if options.bucket is None else "S3", remote)):
+                for workers in options.workers:
+                    count, first, rate = measure(url, workers, options.batch_size, options.batches)
+                    rows.append([name, workers, count, f"{first:.2f} s", f"{rate:,.0f}"])
+                    print(f"{name} {workers} workers: {rate:.0f} images/s", flush=True)
+            if options.bucket is not None:
                 store = open_store(remote)
                 store.delete(store.list())
+    result.tables.append(
+        Table(
+            ["source", "workers", "batches", "first batch", "images/s"],
+            rows,
+            f"One rank's ShardStream over {options.source} 32×32, {options.shard_size} shards, batch "
+            f"{options.batch_size}, start-up included",
+        )
+    )
+    result.uptime_after = machine.uptime()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default="fashion-mnist")
+    parser.add_argument("--shard-size", default="8MB")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=None, help="per row (default: one epoch)")
+    parser.add_argument("--workers", default="0,2")
+    parser.add_argument(
+        "--bucket", default=None, help="an existing bucket (AWS variables set) instead of moto"
+    )
+    args = parser.parse_args()
+    options = Options(
+        args.source,
+        args.shard_size,
+        args.batch_size,
+        args.batches,
+        tuple(int(w) for w in args.workers.split(",")),
+        args.bucket,
+    )
+    print(run(options, "python -m benchmarks.stream_bench").text())
 
 
 if __name__ == "__main__":

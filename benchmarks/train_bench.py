@@ -1,65 +1,114 @@
-"""Training throughput (real images/s through D) of one process, per precision.
+"""The whole training loop of the default run: images/s and the fraction of step time spent waiting for data.
 
-    .venv/bin/python benchmarks/train_bench.py                       # the default config, fp32 vs bf16
-    .venv/bin/python benchmarks/train_bench.py --steps 30 model.g_channels=64 model.d_channels=64
+    python -m benchmarks train                                     # via the entry point
+    python -m benchmarks.train_bench --steps 30 model.g_channels=64 model.d_channels=64
 
-Measures whole training steps (data, D step, G step, EMA) after a warm-up, with sampling and
-checkpointing pushed out of the window.
+A real Trainer on the default config (Fashion-MNIST 32×32 when Debian's dataset is installed, else the
+bundled digits; the loader's worker processes as configured) trains a warm-up, then ``steps`` more
+steps, timed, with sampling and checkpointing pushed out of the window. The data wait is the
+trainer's own ``sagan_data_wait_seconds_total`` over the window.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import tempfile
 import time
 
-import torch
-
+from benchmarks import machine
+from benchmarks.report import Result, Table
 from trainer.config import load_config
 from trainer.distributed import init_runtime
 from trainer.trainer import Trainer, ensure_dataset
 
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
-def measure(overrides: list[str], precision: str, warmup: int, steps: int) -> float:
-    with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config(
-            None,
+
+@dataclasses.dataclass
+class Options:
+    warmup: int = 3
+    steps: int = 20
+    overrides: tuple[str, ...] = ()
+    digits: bool = False  # the bundled digits even when Fashion-MNIST is installed
+
+
+def dataset_overrides(scratch: str, digits: bool) -> list[str]:
+    if os.path.isdir(FASHION_MNIST) and not digits:
+        return [f"data.url={scratch}/fashion-mnist-32"]
+    return [f"data.url={scratch}/digits-32", "data.prepare_source=digits"]
+
+
+def measure(options: Options, scratch: str) -> dict[str, float]:
+    cfg = load_config(
+        None,
+        [
+            *dataset_overrides(scratch, options.digits),
+            f"run.dir={scratch}/run",
+            "metrics.port=0",
+            "checkpoint.resume=false",
+            f"trainer.max_steps={options.warmup}",
+            "trainer.sample_interval=1000000",
+            "checkpoint.interval_steps=1000000",
+            *options.overrides,
+        ],
+    )
+    runtime = init_runtime(cfg.trainer.device)
+    ensure_dataset(cfg, runtime)
+    trainer = Trainer(cfg, runtime)
+    trainer.train()  # warm-up: loader workers, allocator, first-call kernels
+    waited = trainer.metrics.registry.get_sample_value("sagan_data_wait_seconds_total")
+    cfg.trainer.max_steps = options.warmup + options.steps
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    waited = trainer.metrics.registry.get_sample_value("sagan_data_wait_seconds_total") - waited
+    images = options.steps * cfg.trainer.n_dis * cfg.trainer.global_batch_size
+    return {"images_per_second": images / seconds, "data_wait_fraction": waited / seconds, "seconds": seconds,
+            "data": cfg.data.url.rsplit("/", 1)[-1], "workers": cfg.data.num_workers}  # fmt: skip
+
+
+def run(options: Options, command: str = "python -m benchmarks train") -> Result:
+    info = machine.describe()
+    result = Result("train", command, machine.headline(info), machine.uptime())
+    with tempfile.TemporaryDirectory() as scratch:
+        m = measure(options, scratch)
+    result.tables.append(
+        Table(
+            ["data", "loader workers", "images/s", "data wait"],
             [
-                *overrides,
-                f"trainer.precision={precision}",
-                f"run.dir={run_dir}",
-                "metrics.port=0",
-                "checkpoint.resume=false",
-                f"trainer.max_steps={warmup}",
-                "trainer.sample_interval=1000000",
-                "checkpoint.interval_steps=1000000",
+                [
+                    m["data"],
+                    m["workers"],
+                    f"{m['images_per_second']:.1f}",
+                    f"{m['data_wait_fraction'] * 100:.2f}%",
+                ]
             ],
+            f"The default config{' with ' + ' '.join(options.overrides) if options.overrides else ''}: "
+            f"{options.steps} steps after {options.warmup} warm-up, the whole loop (data, D step, G step, EMA, "
+            "a log line every 20 steps)",
         )
-        runtime = init_runtime(cfg.trainer.device)
-        ensure_dataset(cfg, runtime)
-        trainer = Trainer(cfg, runtime)
-        trainer.train()  # warm-up: loader workers, allocator, first-call kernels
-        cfg.trainer.max_steps = warmup + steps
-        started = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - started
-        return steps * cfg.trainer.n_dis * cfg.trainer.global_batch_size / seconds
+    )
+    if not machine.has_bf16_instructions(info):
+        result.notes.append("bf16 not measured: no AVX512-BF16/AMX on this CPU (oneDNN would emulate it).")
+    result.data = m
+    result.uptime_after = machine.uptime()
+    print(f"{m['images_per_second']:.1f} images/s, data wait {m['data_wait_fraction']:.2%}", flush=True)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, overrides: {args.overrides or 'none'}"
+        run(
+            Options(args.warmup, args.steps, tuple(args.overrides)), "python -m benchmarks.train_bench"
+        ).text()
     )
-    print(f"{'precision':>10} {'images/s':>10}")
-    for precision in args.precisions.split(","):
-        rate = measure(args.overrides, precision, args.warmup, args.steps)
-        print(f"{precision:>10} {rate:>10.1f}")
 
 
 if __name__ == "__main__":

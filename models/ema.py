@@ -29,8 +29,7 @@ class EMA:
         ema_params, live_params = self._matched(self.module.named_parameters(), model.named_parameters())
         torch._foreach_lerp_(ema_params, [p.float() for p in live_params], 1.0 - decay)
         ema_buffers, live_buffers = self._matched(self.module.named_buffers(), model.named_buffers())
-        for ema_buffer, live_buffer in zip(ema_buffers, live_buffers):
-            ema_buffer.copy_(live_buffer)
+        torch._foreach_copy_(ema_buffers, live_buffers)
 
     def state_dict(self) -> dict[str, Any]:
         return self.module.state_dict()

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from models.attention import SelfAttention2d, check_attention_impl
 from models.layers import ConditionalBatchNorm2d, SNLayers, check_init, check_positive
+from models.resample import conv3x3_avgpool, upsample, upsample_conv3x3
 
 RESOLUTIONS = (32, 64, 128)
 # Channel multipliers of the base width, from the 4x4 input through every up-block (each doubles the size).
@@ -92,12 +93,14 @@ def check_at_least_one(value: int, key: str) -> None:
         raise ValueError(f"{key}={value!r} must be an integer >= 1")
 
 
-def upsample(x: Tensor) -> Tensor:
-    return F.interpolate(x, scale_factor=2, mode="nearest")
-
-
 class GBlock(nn.Module):
-    """CBN-ReLU-upsample-conv3x3-CBN-ReLU-conv3x3, shortcut upsample + conv1x1."""
+    """CBN-ReLU-upsample-conv3x3-CBN-ReLU-conv3x3, shortcut upsample + conv1x1.
+
+    ``fused_resample``: upsample-conv3x3 as one stride-2 4×4 transposed conv (``models/resample.py``);
+    False: the two ops, as the reference implementations run them. The same function either way.
+    """
+
+    fused_resample = True
 
     def __init__(self, stage: Stage, num_classes: int, layers: SNLayers, bn_eps: float) -> None:
         super().__init__()
@@ -108,14 +111,21 @@ class GBlock(nn.Module):
         self.shortcut = layers.conv(stage.in_channels, stage.out_channels, 1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        h = self.conv1(upsample(F.relu(self.bn1(x, y))))
+        h = F.relu(self.bn1(x, y))
+        h = upsample_conv3x3(h, self.conv1) if self.fused_resample else self.conv1(upsample(h))
         h = self.conv2(F.relu(self.bn2(h, y)))
         # A 1x1 conv commutes with nearest upsampling, so convolve the 4x smaller map first.
         return h + upsample(self.shortcut(x))
 
 
 class DBlock(nn.Module):
-    """(ReLU)-conv3x3-ReLU-conv3x3-(avgpool); the optimized first block skips the pre-activation."""
+    """(ReLU)-conv3x3-ReLU-conv3x3-(avgpool); the optimized first block skips the pre-activation.
+
+    ``fused_resample``: conv3x3-avgpool as one stride-2 4×4 conv (``models/resample.py``); False: the
+    two ops. The same function either way.
+    """
+
+    fused_resample = True
 
     def __init__(self, stage: Stage, layers: SNLayers, *, preactivation: bool) -> None:
         super().__init__()
@@ -127,13 +137,14 @@ class DBlock(nn.Module):
         self.shortcut = layers.conv(stage.in_channels, stage.out_channels, 1) if learnable_shortcut else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.relu(x) if self.preactivation else x
-        h = self.conv2(F.relu(self.conv1(h)))
+        h = F.relu(self.conv1(F.relu(x) if self.preactivation else x))
         skip = x
         if self.downsample:
-            h = F.avg_pool2d(h, 2)
+            h = conv3x3_avgpool(h, self.conv2) if self.fused_resample else F.avg_pool2d(self.conv2(h), 2)
             # Average pooling commutes with a 1x1 conv, so pool first whatever BigGAN's order.
             skip = F.avg_pool2d(skip, 2)
+        else:
+            h = self.conv2(h)
         if self.shortcut is not None:
             skip = self.shortcut(skip)
         return h + skip

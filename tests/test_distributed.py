@@ -11,6 +11,7 @@ Run as a script, this module is the worker of ``test_ddp_keeps_ranks_in_step`` u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -347,10 +348,12 @@ def test_ddp_keeps_ranks_in_step(digits32, tmp_path):
     assert [r["poisoned_update"] for r in ranks] == [{"applied": False, "loss_is_nan": True}] * 2
     assert [r["d_weights_unchanged"] for r in ranks] == [True, True]
     assert [r["next_update_applied"] for r in ranks] == [True, True]
+    assert [r["host_syncs_in_a_step"] for r in ranks] == [0, 0]  # the skip was decided on the device
 
 
 def ddp_ranks_worker(data_url: str, out: str) -> None:
     import torch.distributed as dist
+    from test_host_syncs import HostSyncCounter  # this file runs as a script from tests/
 
     from data_pipeline.stream import ShardStream
     from models.sagan import build_models
@@ -371,20 +374,23 @@ def ddp_ranks_worker(data_url: str, out: str) -> None:
     )
     batches = iter(stream)
 
-    def step(index: int, poison: bool = False):
+    def step(index: int, poison: bool = False, counter: HostSyncCounter | None = None):
         images, labels = next(batches)
         real = images.float().div(127.5).sub(1) * (float("nan") if poison else 1.0)
-        z, y = noise(t.seed, index, 0, GLOBAL_BATCH, cfg.model.z_dim, 10, share)
-        d_update = backend.d_step(real, labels, z, y)
-        z, y = noise(t.seed, index, 1, GLOBAL_BATCH, cfg.model.z_dim, 10, share)
-        return d_update, backend.g_step(z, y)
+        with counter or contextlib.nullcontext():  # the updates, not the data stream
+            z, y = noise(t.seed, index, 0, GLOBAL_BATCH, cfg.model.z_dim, 10, share)
+            d_update = backend.d_step(real, labels, z, y)
+            z, y = noise(t.seed, index, 1, GLOBAL_BATCH, cfg.model.z_dim, 10, share)
+            return d_update, backend.g_step(z, y)
 
     for index in range(STEPS):
         step(index)
     d_before = [p.detach().clone() for p in D.parameters()]
     poisoned, _ = step(STEPS, poison=runtime.rank == 1)
     d_unchanged = all(torch.equal(a, b) for a, b in zip(d_before, D.parameters()))
-    next_update, _ = step(STEPS + 1)
+    counter = HostSyncCounter()
+    next_update, _ = step(STEPS + 1, counter=counter)
+    poisoned, next_update = poisoned.read(), next_update.read()
 
     def same_on_all_ranks(tensors: list[torch.Tensor]) -> bool:
         flat = torch.cat([tensor.detach().float().flatten() for tensor in tensors])
@@ -402,6 +408,7 @@ def ddp_ranks_worker(data_url: str, out: str) -> None:
         "poisoned_update": {"applied": poisoned.applied, "loss_is_nan": np.isnan(poisoned.loss).item()},
         "d_weights_unchanged": d_unchanged,
         "next_update_applied": next_update.applied,
+        "host_syncs_in_a_step": counter.by_step[0],
     }
     reports = [None] * runtime.world_size
     dist.all_gather_object(reports, report)

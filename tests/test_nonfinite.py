@@ -96,11 +96,11 @@ def test_no_checkpoint_before_the_skips_is_a_one_line_error(digits_data, tmp_pat
 
 def test_the_guard_counts_only_consecutive_skips():
     guard = NonFiniteGuard(reload_after=3, max_reloads=1)
-    for applied in (False, False, True, False, False):
-        guard.observe(applied, step=7)
-    assert not guard.reload_due and guard.consecutive == 2
-    guard.observe(False, step=8)
-    assert guard.reload_due and guard.check_reload_allowed() == 7
+    for step, skipped in enumerate((1.0, 1.0, 0.0, 1.0, 1.0)):
+        guard.observe(torch.tensor(skipped), step=5 + step)
+    assert not guard.poll() and guard.consecutive == 2
+    guard.observe(torch.tensor(1.0), step=10)
+    assert guard.poll() and guard.check_reload_allowed() == 8  # the run of skips began at step 8
     guard.reloaded()
-    assert not guard.reload_due
-    assert not NonFiniteGuard(reload_after=0, max_reloads=3).reload_due  # 0: never
+    assert not guard.reload_due and not guard.poll()
+    assert not NonFiniteGuard(reload_after=0, max_reloads=3).poll()  # 0: never

@@ -125,8 +125,13 @@ def gradient_worker(out: str) -> None:
     G, D = build_models(cfg.model, num_classes)
     G_ref, D_ref = copy.deepcopy(G), copy.deepcopy(D)
     backend = DDPBackend(G, D, t, runtime)
+    # The reference computes in the backend's memory format too (channels_last by default): the two
+    # layouts round differently, and G's batch norms over 2 or 3 samples magnify that.
+    G_ref, D_ref = (net.to(memory_format=backend.memory_format) for net in (G_ref, D_ref))
     generator = torch.Generator().manual_seed(1)
-    real = torch.rand(GLOBAL_BATCH, 3, 32, 32, generator=generator) * 2 - 1
+    real = (torch.rand(GLOBAL_BATCH, 3, 32, 32, generator=generator) * 2 - 1).contiguous(
+        memory_format=backend.memory_format
+    )
     y_real = torch.randint(0, num_classes, (GLOBAL_BATCH,), generator=generator)
     z_d, y_d = noise(t.seed, 0, 0, GLOBAL_BATCH, cfg.model.z_dim, num_classes, slice(None))
     z_g, y_g = noise(t.seed, 0, 1, GLOBAL_BATCH, cfg.model.z_dim, num_classes, slice(None))

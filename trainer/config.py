@@ -45,6 +45,8 @@ class TrainerConfig:
     preemption_grace_seconds: float = 25.0  # SIGTERM/SIGINT to exit: finish the step, checkpoint, leave
     nonfinite_reload_after: int = 100  # skipped updates in a row before reloading a checkpoint; 0: never
     nonfinite_max_reloads: int = 3  # then the run stops: it diverges
+    channels_last: bool = True  # NHWC weights and activations (ddp backend): faster convolutions
+    compile: bool = False  # torch.compile the step's passes (ddp backend); eager when it cannot
 
 
 @dataclass

@@ -24,7 +24,7 @@ Gathering is a collective: every rank must call ``state_dict()`` (the tensors ar
 
 from __future__ import annotations
 
-import math
+import logging
 import os
 from typing import Any
 
@@ -36,8 +36,10 @@ from trainer.distributed import Runtime, ensure_process_group
 from trainer.gan_step import (
     Update,
     batch_norm_groups,
+    fused_adam,
     loss_weight,
     mean_over_ranks,
+    nonfinite,
     rank_batch_size,
     total_grad_norm,
     use_configured_hyperparameters,
@@ -55,6 +57,8 @@ from deepspeed.utils import (
 )
 
 from models.losses import d_hinge_loss, g_hinge_loss
+
+log = logging.getLogger("trainer")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -111,6 +115,12 @@ class DeepSpeedBackend:
     def __init__(self, G: nn.Module, D: nn.Module, cfg: TrainerConfig, runtime: Runtime):
         check_supported(cfg)
         ensure_process_group(runtime)
+        if cfg.channels_last:
+            log.info(
+                "trainer.channels_last: not applied by the deepspeed backend (it broadcasts weights as bytes)"
+            )
+        if cfg.compile:
+            log.warning("trainer.compile=true: not applied by the deepspeed backend; training runs eagerly")
         self.cfg = cfg
         self.world_size = runtime.world_size
         self.dtype = DTYPES[cfg.precision]
@@ -126,7 +136,7 @@ class DeepSpeedBackend:
         self.device = runtime.device
 
     def _engine(self, module: nn.Module, net: nn.Module, lr: float, betas: list[float], batch: int):
-        optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(betas))
+        optimizer = fused_adam(net, lr, betas)
         engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=engine_config(self.cfg, batch), dist_init_required=False
         )
@@ -155,22 +165,26 @@ class DeepSpeedBackend:
             self.D.requires_grad_(True)
 
     def _apply(self, loss: torch.Tensor, engine) -> Update:
-        loss_value = mean_over_ranks(loss, self.world_size)
-        if not math.isfinite(loss_value):
-            return Update(loss_value, math.nan, False)  # every rank skips the backward alike
-        engine.backward(loss)
+        loss_mean = mean_over_ranks(loss, self.world_size)  # NaN on every rank when any rank's loss is
         if engine.optimizer is engine.basic_optimizer:
-            # fp32 without ZeRO: DeepSpeed applies the optimizer as is, so the non-finite check is ours.
-            norm = float(total_grad_norm([p for p in engine.module.parameters() if p.grad is not None]))
-            if not math.isfinite(norm):
-                engine.optimizer.zero_grad(set_to_none=True)
-                return Update(loss_value, norm, False)
-            engine.step()
-            return Update(loss_value, norm, True)
-        engine.step()  # checks the averaged gradients for inf/NaN itself and skips such a step
+            # fp32 without ZeRO: DeepSpeed calls our fused Adam as is, so the decision is ours, on the device.
+            engine.backward(loss)
+            norm = total_grad_norm(list(engine.module.parameters()), self.device)
+            skipped = nonfinite(loss_mean, norm)
+            engine.optimizer.found_inf = skipped
+            try:
+                engine.step()
+            finally:
+                del engine.optimizer.found_inf
+            return Update(loss_mean, norm, skipped)
+        # DeepSpeed's own optimizer checks the averaged gradients for inf/NaN on the host and skips such a
+        # step. A non-finite mean loss makes every gradient NaN here (x * 1.0 is x), so all ranks skip alike.
+        engine.backward(loss * torch.where(torch.isfinite(loss_mean), 1.0, torch.nan).to(loss.dtype))
+        engine.step()
         norm = engine.get_global_grad_norm()
-        norm = math.nan if norm is None else float(norm)
-        return Update(loss_value, norm, bool(engine.was_step_applied()))
+        norm = torch.as_tensor(torch.nan if norm is None else norm, dtype=torch.float32, device=self.device)
+        skipped = torch.tensor(0.0 if engine.was_step_applied() else 1.0, device=self.device)
+        return Update(loss_mean, norm.reshape(()), skipped)
 
     def learning_rates(self) -> dict[str, float]:
         return {"g": self.g_engine.get_lr()[0], "d": self.d_engine.get_lr()[0]}
@@ -280,7 +294,9 @@ def _load_adam_state(engine, net: nn.Module, saved: dict[str, Any]) -> None:
     for group in adam.param_groups:
         for flat in group["params"]:  # this rank's partition: moments filled in below
             adam.state[flat] = {
-                "step": torch.as_tensor(step, dtype=torch.float32).clone(),
+                "step": torch.as_tensor(step, dtype=torch.float32).to(
+                    flat.device, copy=True
+                ),  # fused Adam: on its device
                 **{key: torch.zeros_like(flat) for key in ADAM_MOMENTS},
             }
     engine.optimizer._hp_optimizer_states_linked = False  # point each weight's fragment at the new state

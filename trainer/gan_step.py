@@ -6,12 +6,15 @@ times and ``g_step`` once per step and reads ``G``/``D`` (the unwrapped modules)
 Every backend reports the loss averaged over all ranks, and decides together with all ranks whether
 an update is applied: a non-finite loss on any rank, or a non-finite averaged gradient, skips the
 update everywhere, so the ranks' weights never diverge.
+
+The step never waits for the device: the decision is a tensor handed to fused Adam (``found_inf``),
+and an ``Update`` holds device tensors that the trainer reads (``Update.read()``, one host
+synchronisation) only when it logs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from data_pipeline.stream import split_batch
 from models.losses import d_hinge_loss, g_hinge_loss
+from trainer.compilation import compiler
 from trainer.config import ConfigError, TrainerConfig
 from trainer.distributed import Runtime
 
@@ -30,10 +34,24 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class Update:
+class UpdateValues:
     loss: float
     grad_norm: float
     applied: bool  # False when the loss or a gradient was not finite and the step was skipped
+
+
+@dataclass
+class Update:
+    """One update as 0-dim fp32 tensors on the device; reading them waits for the device."""
+
+    loss: torch.Tensor  # averaged over all ranks
+    grad_norm: torch.Tensor  # of the gradient averaged over all ranks
+    skipped: torch.Tensor  # 1.0 when the update was skipped, else 0.0
+
+    def read(self) -> UpdateValues:
+        """The values on the host: one synchronisation, so the trainer calls it only when it logs."""
+        loss, grad_norm, skipped = torch.stack([self.loss, self.grad_norm, self.skipped]).tolist()
+        return UpdateValues(loss, grad_norm, applied=not skipped)
 
 
 class Backend(Protocol):
@@ -63,21 +81,26 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def total_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+def total_grad_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads)
+        return torch.zeros((), device=device)
+    return torch.nn.utils.get_total_norm(grads).float()
 
 
-def mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
-    """A scalar averaged over all ranks (itself when alone); NaN or inf anywhere makes it non-finite."""
-    value = value.detach().float().reshape(1)
+def mean_over_ranks(value: torch.Tensor, world_size: int) -> torch.Tensor:
+    """A 0-dim fp32 scalar averaged over all ranks (itself when alone); NaN or inf anywhere makes it non-finite."""
+    value = value.detach().float().reshape(())
     if world_size > 1:
         value = value.clone()
         dist.all_reduce(value)
         value /= world_size
-    return float(value)
+    return value
+
+
+def nonfinite(*values: torch.Tensor) -> torch.Tensor:
+    """1.0 where any of the scalars is NaN or inf, else 0.0: fused Adam's ``found_inf``, on the device."""
+    return (~torch.isfinite(torch.stack(values)).all()).float()
 
 
 def use_configured_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, betas: list[float]) -> None:
@@ -88,7 +111,7 @@ def use_configured_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, 
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
-        group["betas"] = tuple(betas)
+        group["betas"] = tuple(float(b) for b in betas)  # fused Adam takes floats only
 
 
 class BatchNormGroups(nn.Module):
@@ -143,6 +166,9 @@ def batch_norm_groups(G: nn.Module, cfg: TrainerConfig, runtime: Runtime) -> nn.
 class DDPBackend:
     """Plain PyTorch: DDP-wrapped G and D when the world is larger than one, Adam, a GradScaler per net.
 
+    With ``trainer.channels_last`` the weights, activations, gradients and Adam's moments are NHWC,
+    the layout oneDNN's and cuDNN's convolutions (and the attention block's token-major views) want.
+
     Buffers are synchronised once, when DDP wraps the nets, and never again: G's batch-norm
     statistics stay per rank, as in the original work, and spectral norm's u and v need no syncing —
     each power iteration is a deterministic function of u, v and the weights, which are bit-identical
@@ -153,8 +179,9 @@ class DDPBackend:
         self.cfg = cfg
         self.device = runtime.device
         self.world_size = runtime.world_size
-        self.G = G.to(self.device)
-        self.D = D.to(self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.G = G.to(self.device, memory_format=self.memory_format)
+        self.D = D.to(self.device, memory_format=self.memory_format)
         self.generate = batch_norm_groups(self.G, cfg, runtime)
         self.loss_weight = loss_weight(cfg, runtime)
         if runtime.distributed:
@@ -167,9 +194,11 @@ class DDPBackend:
             )
         else:
             self.g_train, self.d_train = self.generate, self.D
-        fused = self.device.type == "cuda"
-        self.opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas_g), fused=fused)
-        self.opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas_d), fused=fused)
+        compile_ = compiler(cfg.compile, self.device)
+        self.g_train, self.d_train = compile_(self.g_train), compile_(self.d_train)
+        self.g_no_grad, self.d_frozen = compile_(self.generate), compile_(self.D)  # D step's G, G step's D
+        self.opt_g = fused_adam(G, cfg.lr_g, cfg.betas_g)
+        self.opt_d = fused_adam(D, cfg.lr_d, cfg.betas_d)
         fp16 = cfg.precision == "fp16"
         self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
@@ -180,8 +209,9 @@ class DDPBackend:
     def d_step(
         self, real: torch.Tensor, y_real: torch.Tensor, z: torch.Tensor, y_fake: torch.Tensor
     ) -> Update:
+        real = real.contiguous(memory_format=self.memory_format)
         with torch.no_grad(), self._autocast():
-            fake = self.generate(z, y_fake)
+            fake = self.g_no_grad(z, y_fake)
         with self._autocast():
             # One D forward over real and fake: one spectral-norm power iteration per D step.
             logits = self.d_train(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake]))
@@ -192,7 +222,7 @@ class DDPBackend:
         self.D.requires_grad_(False)
         try:
             with self._autocast():
-                loss = g_hinge_loss(self.D(self.g_train(z, y_fake), y_fake)) * self.loss_weight
+                loss = g_hinge_loss(self.d_frozen(self.g_train(z, y_fake), y_fake)) * self.loss_weight
             return self._apply(loss, self.G, self.opt_g, self.scaler_g)
         finally:
             self.D.requires_grad_(True)
@@ -200,21 +230,17 @@ class DDPBackend:
     def _apply(
         self, loss: torch.Tensor, net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler
     ) -> Update:
-        loss_value = mean_over_ranks(loss, self.world_size)
-        if not math.isfinite(loss_value):
-            # Decided from the all-ranks mean, so every rank skips the backward (and its all-reduce) alike.
-            opt.zero_grad(set_to_none=True)
-            return Update(loss_value, math.nan, False)
+        # The one collective of our own: a NaN loss on any rank makes every rank's mean NaN.
+        loss_mean = mean_over_ranks(loss, self.world_size)
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)
+        scaler.unscale_(opt)  # fp16: in place, on the device; otherwise nothing
         # The gradients are all-reduced by now: the norm, and so the decision, is the same on every rank.
-        norm = float(total_grad_norm([p for p in net.parameters() if p.grad is not None]))
-        applied = math.isfinite(norm)
-        if applied:
-            scaler.step(opt)
-        scaler.update()
+        norm = total_grad_norm(list(net.parameters()), self.device)
+        skipped = nonfinite(loss_mean, norm)
+        step_unless(opt, skipped)
+        scaler.update()  # fp16: backs the scale off when a gradient overflowed
         opt.zero_grad(set_to_none=True)
-        return Update(loss_value, norm, applied)
+        return Update(loss_mean, norm, skipped)
 
     def learning_rates(self) -> dict[str, float]:
         return {"g": self.opt_g.param_groups[0]["lr"], "d": self.opt_d.param_groups[0]["lr"]}
@@ -243,6 +269,23 @@ class DDPBackend:
             self.scaler_g.load_state_dict(state["scaler_g"])
         if state.get("scaler_d"):
             self.scaler_d.load_state_dict(state["scaler_d"])
+
+
+def fused_adam(net: nn.Module, lr: float, betas: list[float]) -> torch.optim.Adam:
+    """One kernel for all of a net's parameters, no host synchronisation (per-parameter Adam has one each)."""
+    return torch.optim.Adam(net.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])), fused=True)
+
+
+def step_unless(opt: torch.optim.Optimizer, skipped: torch.Tensor) -> None:
+    """``opt.step()`` that leaves weights, moments and step count as they were where ``skipped`` is 1.
+
+    Fused Adam reads ``found_inf`` on the device (the attribute is how torch's GradScaler passes it).
+    """
+    opt.found_inf = skipped
+    try:
+        opt.step()
+    finally:
+        del opt.found_inf
 
 
 def make_backend(G: nn.Module, D: nn.Module, cfg: TrainerConfig, runtime: Runtime) -> Backend:

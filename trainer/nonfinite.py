@@ -8,11 +8,16 @@ consecutive skipped updates the trainer goes back to the newest checkpoint writt
 skips began, keeping the data stream where it is (the batches that went wrong are not replayed);
 after ``trainer.nonfinite_max_reloads`` such reloads the run stops with a one-line error.
 
-The guard only counts: it is fed the ``applied`` flag of every update, which every rank decides alike
-(``gan_step``), so every rank reloads at the same step.
+The guard only counts, on the device: it is fed the ``skipped`` flag (a 0-dim tensor, 1.0 for a skipped
+update) of every update, which every rank decides alike (``gan_step``), and the trainer reads its
+count with the logging interval's other values (``poll``), so every rank reloads at the same step and
+a step never waits for the device on its account. A reload therefore comes at the first log step
+once ``nonfinite_reload_after`` skips in a row are reached.
 """
 
 from __future__ import annotations
+
+import torch
 
 
 class Diverged(Exception):
@@ -22,18 +27,27 @@ class Diverged(Exception):
 class NonFiniteGuard:
     def __init__(self, reload_after: int, max_reloads: int):
         self.reload_after, self.max_reloads = reload_after, max_reloads
-        self.consecutive = 0  # skipped updates in a row
+        self.consecutive = 0  # skipped updates in a row, as of the last poll
         self.since_step: int | None = None  # completed steps when the current run of skips began
         self.reloads = 0
+        self._consecutive: torch.Tensor | None = None  # on the device
+        self._since: torch.Tensor | None = None
 
-    def observe(self, applied: bool, step: int) -> None:
-        """Count one update of the step after ``step`` completed steps."""
-        if applied:
-            self.consecutive, self.since_step = 0, None
-            return
-        if self.consecutive == 0:
-            self.since_step = step
-        self.consecutive += 1
+    def observe(self, skipped: torch.Tensor, step: int) -> None:
+        """Count one update of the step after ``step`` completed steps (``skipped``: 1.0 or 0.0, 0-dim)."""
+        if self._consecutive is None:
+            self._consecutive = torch.zeros((), dtype=torch.int64, device=skipped.device)
+            self._since = torch.full((), -1, dtype=torch.int64, device=skipped.device)
+        skip = skipped.to(torch.int64)
+        self._since = torch.where((skip > 0) & (self._consecutive == 0), step, self._since)
+        self._consecutive = (self._consecutive + 1) * skip
+
+    def poll(self) -> bool:
+        """Read the count (one device synchronisation); whether a reload is due."""
+        if self._consecutive is not None:
+            self.consecutive, since = torch.stack([self._consecutive, self._since]).tolist()
+            self.since_step = since if self.consecutive else None
+        return self.reload_due
 
     @property
     def reload_due(self) -> bool:
@@ -53,3 +67,4 @@ class NonFiniteGuard:
     def reloaded(self) -> None:
         self.reloads += 1
         self.consecutive, self.since_step = 0, None
+        self._consecutive = self._since = None

@@ -285,6 +285,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         d_update = g_update = None
+        skipped = torch.zeros((), device=device)  # updates skipped since the last log, counted on the device
         while self.step < t.max_steps:
             started = time.perf_counter()
             data_wait = 0.0
@@ -296,23 +297,27 @@ class Trainer:
                 y_real = labels.to(device, non_blocking=True)
                 z, y_fake = self._noise(phase)
                 d_update = self.backend.d_step(real, y_real, z, y_fake)
-                self.metrics.nonfinite.inc(0 if d_update.applied else 1)
-                self.nonfinite.observe(d_update.applied, self.step)
+                skipped += d_update.skipped
+                self.nonfinite.observe(d_update.skipped, self.step)
             z, y_fake = self._noise(t.n_dis)
             g_update = self.backend.g_step(z, y_fake)
-            self.metrics.nonfinite.inc(0 if g_update.applied else 1)
-            self.nonfinite.observe(g_update.applied, self.step)
+            skipped += g_update.skipped
+            self.nonfinite.observe(g_update.skipped, self.step)
             self.ema.update(self.backend.G, 0.0 if self.step < t.ema_start_step else t.ema_decay)
             self.step += 1
-            if self.nonfinite.reload_due:
-                self._reload_last_good()
-                continue
+            logging_step = self.step % t.log_interval == 0 or self.step == t.max_steps
+            if logging_step:  # host synchronisations only when logging
+                self.metrics.nonfinite.inc(float(skipped))
+                skipped.zero_()
+                if self.nonfinite.poll():
+                    self._reload_last_good()
+                    continue
             self.metrics.record_step(
                 time.perf_counter() - started, t.n_dis * self.batch_size, data_wait, step=self.step
             )
             progress.update()
-            if self.step % t.log_interval == 0 or self.step == t.max_steps:
-                self._log(d_update, g_update, progress)
+            if logging_step:
+                self._log(d_update.read(), g_update.read(), progress)
             if self.step % t.sample_interval == 0 or self.step == t.max_steps:
                 self._save_samples()
             fid = self.evaluate() if self._evaluation_due() else None
@@ -422,6 +427,8 @@ class Trainer:
             self.num_classes,
             self.rank_slice,
         )
+        if self.runtime.device.type == "cuda":  # a copy from pinned memory does not wait for the device
+            z, y = z.pin_memory(), y.pin_memory()
         return z.to(self.runtime.device, non_blocking=True), y.to(self.runtime.device, non_blocking=True)
 
     def _log(self, d_update, g_update, progress) -> None:

@@ -1,0 +1,48 @@
+"""The fused resampling convolutions compute exactly what upsample-then-conv and conv-then-pool compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.layers import SNLayers
+from models.resample import FUSED_MIN_SIZE, conv3x3_avgpool, upsample, upsample_conv3x3
+
+
+def spectral_normed_conv(in_channels: int, out_channels: int) -> torch.nn.Conv2d:
+    torch.manual_seed(0)
+    return SNLayers().conv(in_channels, out_channels).double().eval()  # eval: the same weight every call
+
+
+@pytest.mark.parametrize(
+    ("fused", "reference", "side"),
+    [
+        (upsample_conv3x3, lambda x, conv: conv(upsample(x)), FUSED_MIN_SIZE),
+        (upsample_conv3x3, lambda x, conv: conv(upsample(x)), 12),
+        (conv3x3_avgpool, lambda x, conv: F.avg_pool2d(conv(x), 2), FUSED_MIN_SIZE),
+        (conv3x3_avgpool, lambda x, conv: F.avg_pool2d(conv(x), 2), 16),
+    ],
+)
+def test_fused_form_equals_the_two_ops_forward_and_backward(fused, reference, side):
+    conv = spectral_normed_conv(5, 3)
+    x = torch.randn(2, 5, side, side + 2, dtype=torch.float64)
+    outputs, grads = [], []
+    for form in (fused, reference):
+        x_ = x.clone().requires_grad_()
+        out = form(x_, conv)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out))
+        outputs.append(out)
+        grads.append([x_.grad, *(p.grad.clone() for p in conv.parameters())])
+        conv.zero_grad()
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_small_maps_take_the_two_op_form():
+    """Below FUSED_MIN_SIZE the plain ops run: bit-identical results."""
+    conv = spectral_normed_conv(4, 4)
+    x = torch.randn(2, 4, FUSED_MIN_SIZE // 2, FUSED_MIN_SIZE // 2, dtype=torch.float64)
+    assert torch.equal(upsample_conv3x3(x, conv), conv(upsample(x)))
+    assert torch.equal(conv3x3_avgpool(x, conv), F.avg_pool2d(conv(x), 2))

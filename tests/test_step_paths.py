@@ -1,0 +1,64 @@
+"""The step's fast paths compute what the plain path computes: channels_last, the attention kernel by size,
+torch.compile's fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from models.sagan import ModelConfig, build_models
+from trainer.config import TrainerConfig
+from trainer.distributed import Runtime
+from trainer.gan_step import DDPBackend
+
+CPU = Runtime(0, 0, 1, torch.device("cpu"), "single")
+BATCH, Z_DIM, CLASSES = 4, 16, 10
+
+
+def tiny_backend(**trainer: object) -> DDPBackend:
+    torch.manual_seed(0)
+    G, D = build_models(ModelConfig(resolution=32, g_channels=8, d_channels=8, z_dim=Z_DIM), CLASSES)
+    return DDPBackend(G, D, TrainerConfig(global_batch_size=BATCH, **trainer), CPU)
+
+
+def two_steps(backend: DDPBackend) -> list[float]:
+    generator = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(2):
+        real = torch.rand(BATCH, 3, 32, 32, generator=generator) * 2 - 1
+        y = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+        z = torch.randn(BATCH, Z_DIM, generator=generator)
+        losses += [backend.d_step(real, y, z, y).read().loss, backend.g_step(z, y).read().loss]
+    return losses
+
+
+def test_channels_last_steps_like_contiguous():
+    """NHWC weights, activations, gradients and Adam moments: the same losses and D weights as NCHW. (Fused
+    Adam walks parameter and gradient memory in step, so a gradient laid out otherwise would be wrong.)"""
+    nhwc, nchw = tiny_backend(channels_last=True), tiny_backend(channels_last=False)
+    conv = nhwc.D.blocks.block1.conv1.parametrizations.weight.original
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    losses_nhwc, losses_nchw = two_steps(nhwc), two_steps(nchw)
+    torch.testing.assert_close(losses_nhwc, losses_nchw, rtol=1e-3, atol=0)
+    # Adam (beta1 = 0) moves each weight by about lr * sign(gradient): where a gradient is rounding noise
+    # (attention's q/k/v while gamma is 0), the summation order flips it. Every other weight agrees.
+    for nets in ((nhwc.D, nchw.D), (nhwc.G, nchw.G)):
+        diff = torch.cat([(a - b).abs().flatten() for a, b in zip(*(net.parameters() for net in nets))])
+        assert float((diff <= 1e-5).float().mean()) > 0.97, f"up to {float(diff.max())}"
+    state = nhwc.opt_d.state[conv]
+    assert state["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compile_without_a_code_generator_trains_eagerly(monkeypatch, caplog):
+    """trainer.compile=true where Inductor finds no C++ compiler: one warning, then the eager step exactly."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/g++"))
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        fallback = tiny_backend(compile=True, channels_last=False)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("trainer.compile=true, but Inductor finds no C++ compiler")
+    assert warning.endswith("training runs eagerly")
+    assert fallback.d_train is fallback.D and fallback.g_no_grad is fallback.G
+    assert two_steps(fallback) == two_steps(tiny_backend(compile=False, channels_last=False))
