@@ -49,9 +49,12 @@ def test_prepare_train_sample(digits, tmp_path):
     grids = sorted((run / "samples").glob("step_*.png"))
     assert [g.name for g in grids] == ["step_0000002.png", "step_0000004.png"]
     grid = np.asarray(Image.open(grids[-1]))
-    # 10 digit classes, one row each, 8 columns of 32x32 with 2-pixel padding; not a blank canvas
-    assert grid.shape == (10 * 34 + 2, 8 * 34 + 2, 3)
-    assert grid[2:34, 2:34].std() > 0
+    # G-EMA and G side by side under their names: 10 digit classes, one row each, 8 columns of 32x32 with
+    # 2-pixel padding, 12 pixels apart; not a blank canvas
+    label, width = 14, 8 * 34 + 2
+    assert grid.shape == (label + 10 * 34 + 2, 2 * width + 12, 3)
+    assert grid[label + 2 : label + 34, 2:34].std() > 0  # G-EMA
+    assert grid[label + 2 : label + 34, width + 14 : width + 46].std() > 0  # G
     state, manifest = load_folder(run / "checkpoints" / "step_4")
     assert manifest["step"] == 4 and state["step"] == 4
     assert (run / "checkpoints" / "LATEST").read_text() == "step_4"
@@ -68,8 +71,9 @@ def test_prepare_train_sample(digits, tmp_path):
 
     out = tmp_path / "grid.png"
     result = sagan(
-        "sample", "--checkpoint", str(run), "--out", str(out), "--classes", "0,3,7", "--columns", "4"
-    )
+        "sample", "--checkpoint", str(run), "--out", str(out), "--classes", "0,3,7", "--columns", "4",
+        "--generator", "ema",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert np.asarray(Image.open(out)).shape == (3 * 34 + 2, 4 * 34 + 2, 3)
 

@@ -87,7 +87,7 @@ def test_report_of_a_local_run_through_the_cli(tmp_path):
     assert (out / "step_0000600.png").read_bytes() == (run / "samples" / "step_0000600.png").read_bytes()
     assert f"10 … {10 * ROWS} ({ROWS} rows)" in index  # the flushed part repeats no row
     assert "best FID</th><td>80.00 at step 600" in index
-    assert "G-EMA samples at step 600" in index
+    assert "Samples at step 600, one row per class: G-EMA (left) and G (right)" in index
 
 
 def test_a_run_without_fid_or_samples_gets_the_other_plots(tmp_path):

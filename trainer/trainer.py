@@ -16,7 +16,7 @@ from data_pipeline.manifest import read_manifest
 from data_pipeline.prepare import parse_size, prepare
 from data_pipeline.storage import open_store
 from data_pipeline.stream import ShardStream
-from models.ema import EMA
+from models.ema import EMA, ema_decay
 from models.sagan import attention_gammas, build_models
 from trainer import samples
 from trainer.checkpoint import (
@@ -70,6 +70,16 @@ def noise(
     return z[rank_slice], y[rank_slice]
 
 
+def batch_norm_inputs(seed: int, num_batches: int, batch_size: int, z_dim: int, num_classes: int, device):
+    """The z and labels G-EMA's batch-norm statistics are measured on: the same every time, on every rank,
+    from a generator of their own (the training RNG is not touched)."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(num_batches):
+        z = torch.randn(batch_size, z_dim, generator=generator)
+        y = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        yield z.to(device), y.to(device)
+
+
 class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime):
         self.cfg, self.runtime = cfg, runtime
@@ -100,6 +110,7 @@ class Trainer:
         G, D = build_models(cfg.model, self.num_classes)
         self.backend = make_backend(G, D, t, runtime)
         self.ema = EMA(self.backend.G)
+        self.ema_statistics_step = -1  # the step G-EMA's batch-norm statistics were measured at
         self.metrics = Metrics(
             cfg.metrics,
             runtime,
@@ -127,6 +138,7 @@ class Trainer:
                 num_workers=cfg.data.num_workers,
             )
         self.step = 0
+        self.last_grid, self.last_eval = "", None  # for the closing note
         grid = samples.grid_classes(self.num_classes)
         self.grid_z, self.grid_y = samples.fixed_inputs(
             cfg.model.z_dim, grid, t.sample_columns, t.seed, runtime.device
@@ -150,9 +162,32 @@ class Trainer:
         self.stream.load_state_dict(json.loads(state["data"]))
         restore_rng_state(state.get("rng"), self.runtime.rank)
 
+    def ready_ema(self) -> torch.nn.Module:
+        """G-EMA with batch-norm statistics measured on its own weights at this step (every rank calls this).
+
+        Sample grids, evaluation and checkpoints all use it, so ``sagan sample`` and ``sagan eval`` of a
+        checkpoint see the trainer's G-EMA. Training never reads G-EMA's statistics: measuring them
+        changes neither the run nor its RNG.
+        """
+        if self.ema_statistics_step != self.step:
+            t = self.cfg.trainer
+            self.ema.recompute_batch_norm(
+                batch_norm_inputs(
+                    t.seed,
+                    t.ema_bn_batches,
+                    t.bn_group_size or self.batch_size,  # the batch G's statistics were taken over
+                    self.cfg.model.z_dim,
+                    self.num_classes,
+                    self.runtime.device,
+                )
+            )
+            self.ema_statistics_step = self.step
+        return self.ema.module
+
     def save_checkpoint(self, fid: float | None = None) -> None:
         """Stalls every rank only for the snapshot; rank 0 writes it in the background."""
         started = time.perf_counter()
+        self.ready_ema()
         state = self.state_dict()
         if self.runtime.is_main:
             meta = {
@@ -220,7 +255,8 @@ class Trainer:
             z, y_fake = self._noise(t.n_dis)
             g_update = self.backend.g_step(z, y_fake)
             self.metrics.nonfinite.inc(0 if g_update.applied else 1)
-            self.ema.update(self.backend.G, 0.0 if self.step < t.ema_start_step else t.ema_decay)
+            decay = ema_decay(self.step, decay=t.ema_decay, start_step=t.ema_start_step, rampup=t.ema_rampup)
+            self.ema.update(self.backend.G, decay)
             self.step += 1
             self.metrics.record_step(
                 time.perf_counter() - started, t.n_dis * self.batch_size, data_wait, step=self.step
@@ -239,6 +275,16 @@ class Trainer:
         if self.runtime.is_main:
             self.run_log.flush()
             self.checkpointer.wait()  # the job succeeds only once its last checkpoint is committed
+            log.info("%s", self.closing_note())
+
+    def closing_note(self) -> str:
+        """What the run left: the last grid and, when evaluated, G-EMA's classifier-FID and sample accuracy."""
+        lines = [f"finished at step {self.step}: checkpoints in {self.checkpointer.url}"]
+        if self.last_grid:
+            lines.append(f"  samples, one row per class (G-EMA left, G right): {self.last_grid}")
+        if self.last_eval is not None:
+            lines.append(f"  {self.last_eval.summary()}")
+        return "\n".join(lines)
 
     def _stop_with_checkpoint(self) -> None:
         if self.step % self.cfg.checkpoint.interval_steps:  # else this step's checkpoint is on its way
@@ -256,7 +302,8 @@ class Trainer:
 
     def evaluate(self) -> float | None:
         """Score G-EMA (every rank): Prometheus gauges, a run-log row, ``<run>/eval/step_N.json``; returns FID."""
-        result = self.evaluator.evaluate(self.ema.module, step=self.step, name="G-EMA")
+        result = self.evaluator.evaluate(self.ready_ema(), step=self.step, name="G-EMA")
+        self.last_eval = result
         self.metrics.record_eval(self.step, result.extractor, result.metrics, result.seconds)
         if self.runtime.is_main:
             self.run_log.append(
@@ -315,9 +362,14 @@ class Trainer:
             progress.set_postfix(d=f"{d_update.loss:.3f}", g=f"{g_update.loss:.3f}", img_s=f"{rate:.0f}")
 
     def _save_samples(self) -> None:
+        G_ema = self.ready_ema()
         if not self.runtime.is_main:
             return
-        images = samples.draw(self.ema.module, self.grid_z, self.grid_y)
+        panels = {
+            "G-EMA": samples.draw(G_ema, self.grid_z, self.grid_y),
+            "G": samples.draw(self.backend.G, self.grid_z, self.grid_y),
+        }
         name = f"samples/step_{self.step:07d}.png"
-        self.run_store.write_bytes(name, samples.encode_grid(images, self.cfg.trainer.sample_columns))
-        log.info("samples: %s", self.run_store.url_of(name))
+        self.run_store.write_bytes(name, samples.encode_panels(panels, self.cfg.trainer.sample_columns))
+        self.last_grid = self.run_store.url_of(name)
+        log.info("samples (G-EMA left, G right): %s", self.last_grid)
