@@ -7,3 +7,9 @@ class DataError(Exception):
 
 class ObjectNotFound(DataError):
     """A named object (file or S3 key) does not exist; callers that expect absence can catch this alone."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): errors are one line."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -7,33 +7,21 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from data_pipeline.errors import DataError
 from launch import submit
-from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError
-from trainer.termination import EXIT_STATUS, Terminated
+from launch.outcome import USER_ERRORS, report, run_on_ranks
 
 log = logging.getLogger("sagan")
-
-# Bad input from the user: reported in one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, OSError)
-
-
-def _report(command: str, err: BaseException) -> int:
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    print(f"sagan {command}: error: {message}", file=sys.stderr, flush=True)
-    return 2
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from data_pipeline.prepare import parse_size, prepare
     from launch.prepare_ranks import COLLECTIVE_TIMEOUT_SECONDS, prepare_ranks
-    from trainer.distributed import init_runtime, shutdown
+    from trainer.distributed import init_runtime
 
     shard_size = parse_size(args.shard_size)  # bad input fails before any rank waits for another
     runtime = init_runtime("cpu", COLLECTIVE_TIMEOUT_SECONDS)
-    exit_code = 1
-    try:
+
+    def work() -> None:
         summary = prepare(
             args.source,
             args.out,
@@ -54,42 +42,23 @@ def _prepare(args: argparse.Namespace) -> int:
         )
         if runtime.is_main:
             print(summary, flush=True)
-        exit_code = 0
-    except USER_ERRORS as err:
-        exit_code = _report("prepare", err)
-    except Exception:
-        log.exception("rank %d failed", runtime.rank)  # said before shutdown, which may end the process
-    finally:
-        shutdown(runtime, exit_code)
-    return exit_code
+
+    return run_on_ranks("prepare", runtime, work)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.config import load_config
-    from trainer.distributed import init_runtime, shutdown
+    from trainer.config import config_from_arguments
+    from trainer.distributed import init_runtime
     from trainer.trainer import Trainer, ensure_dataset
 
-    overrides = list(args.overrides)
-    config_file = args.config
-    if overrides and config_file is None and "=" not in overrides[0]:
-        config_file = overrides.pop(0)  # `sagan train configs/smoke.yaml` reads as well as --config
-    cfg = load_config(config_file, overrides)
+    cfg = config_from_arguments(args.config, args.overrides)
     runtime = init_runtime(cfg.trainer.device, cfg.trainer.timeout_seconds)
-    exit_code = 1
-    try:
+
+    def work() -> None:
         ensure_dataset(cfg, runtime)
         Trainer(cfg, runtime).train()
-        exit_code = 0
-    except Terminated as stopped:
-        log.warning("rank %d %s", runtime.rank, stopped)
-        exit_code = EXIT_STATUS
-    except USER_ERRORS as err:
-        exit_code = _report("train", err)
-    except BaseException:
-        log.exception("rank %d failed", runtime.rank)  # said before shutdown, which may end the process
-    finally:
-        shutdown(runtime, exit_code)
-    return exit_code
+
+    return run_on_ranks("train", runtime, work)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -220,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except USER_ERRORS as err:
-        return _report(args.command, err)
+        return report(args.command, err)
     except KeyboardInterrupt:
         print(f"sagan {args.command}: interrupted", file=sys.stderr)
         return 130

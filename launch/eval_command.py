@@ -8,7 +8,7 @@
 
 Settings not given on the command line come from the checkpoint's ``eval`` config section (the
 defaults of ``EvalConfig`` for ``--data``). The table goes to stdout, the JSON to ``--out``
-(default: ``<run>/eval/step_<N>-<extractor>.json`` beside the checkpoints, ``eval.json`` for ``--data``).
+(default: ``<run.dir>/eval/step_<N>-<extractor>.json`` of the checkpoint's run, ``eval.json`` for ``--data``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import dataclasses
 import json
 
 from data_pipeline.storage import open_store, split_url
-from trainer.evaluation import EvalConfig, EvalResult, Evaluator, format_table
+from trainer.evaluation import EvalConfig, EvalResult, Evaluator, eval_result_name, format_table
 
 
 def _eval_config(base: EvalConfig, args: argparse.Namespace) -> EvalConfig:
@@ -67,10 +67,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> int:
+    from launch.outcome import run_on_ranks
     from models.sagan import build_models
     from trainer.checkpoint import load_folder, resolve
     from trainer.config import from_dict
-    from trainer.distributed import init_runtime, shutdown
+    from trainer.distributed import init_runtime
 
     folder = resolve(args.checkpoint)
     state, manifest = load_folder(folder)
@@ -84,8 +85,11 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
             G.load_state_dict(weights)
             generators[label] = G
     runtime = init_runtime("auto")
-    exit_code = 1
-    try:
+    # The checkpoint's run folder, where the trainer writes its own evaluations: the checkpoints' parent
+    # when they are in the default place (wherever the run folder is now), else the config's run.dir.
+    run_dir = split_url(split_url(folder)[0])[0] if not cfg.checkpoint.url else cfg.run.dir
+
+    def work() -> None:
         evaluator = Evaluator(
             eval_cfg,
             data_url=cfg.data.url,
@@ -102,16 +106,12 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
         ]
         if runtime.is_main:
             print(format_table(results))
-            out = args.out
-            if out is None:
-                checkpoints, _ = split_url(folder)
-                run, _ = split_url(checkpoints)
-                out = f"{run}/eval/step_{manifest['step']}-{eval_cfg.extractor}.json"
+            out = args.out or open_store(run_dir).url_of(
+                eval_result_name(manifest["step"], eval_cfg.extractor)
+            )
             print(f"wrote {_write(results, out)}")
-        exit_code = 0
-    finally:
-        shutdown(runtime, exit_code)
-    return exit_code
+
+    return run_on_ranks("eval", runtime, work)
 
 
 def train_classifier_command(args: argparse.Namespace) -> int:

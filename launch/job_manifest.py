@@ -25,7 +25,7 @@ import yaml
 from data_pipeline.errors import DataError
 from data_pipeline.storage import LocalStore, open_store
 from launch.manifest_yaml import dump_all
-from trainer.config import Config, to_dict
+from trainer.config import Config, checkpoint_location, to_dict
 
 K8S_DIR = Path(__file__).resolve().parent.parent / "k8s"
 PYTORCHJOB_TEMPLATE = K8S_DIR / "base" / "pytorchjob.yaml"
@@ -112,10 +112,6 @@ def check_name(name: str) -> None:
         )
 
 
-def checkpoint_url(cfg: Config) -> str:
-    return cfg.checkpoint.url or f"{cfg.run.dir.rstrip('/')}/checkpoints"
-
-
 def check_runnable(cfg: Config, shape: JobShape, workload: str = "pytorchjob") -> None:
     """Raise a JobError if this run cannot work as a job of this shape on a cluster."""
     if workload not in WORKLOADS:
@@ -140,7 +136,15 @@ def check_runnable(cfg: Config, shape: JobShape, workload: str = "pytorchjob") -
     for key, url in (
         ("data.url", cfg.data.url),
         ("run.dir", cfg.run.dir),
-        ("checkpoint.url", checkpoint_url(cfg)),
+        ("checkpoint.url", checkpoint_location(cfg)),
+        *(
+            (key, url)
+            for key, url in (
+                ("eval.reference_url", cfg.eval.reference_url),
+                ("eval.inception_weights", cfg.eval.inception_weights),
+            )
+            if url
+        ),
     ):
         try:
             local = isinstance(open_store(url), LocalStore)
@@ -264,7 +268,7 @@ def _annotations(cfg: Config) -> dict[str, str]:
     return {
         "sagan/run-dir": cfg.run.dir,
         "sagan/data-url": cfg.data.url,
-        "sagan/checkpoint-url": checkpoint_url(cfg),
+        "sagan/checkpoint-url": checkpoint_location(cfg),
     }
 
 

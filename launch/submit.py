@@ -25,13 +25,12 @@ from launch.job_manifest import (
     JobRequest,
     JobShape,
     check_runnable,
-    checkpoint_url,
     default_name,
     parse_nodes,
     render,
     to_yaml,
 )
-from trainer.config import load_config
+from trainer.config import checkpoint_location, config_from_arguments
 
 LOG_CHUNK_BYTES = 1 << 16
 
@@ -67,13 +66,9 @@ class Cluster:
 
 
 def submit(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    config_file = args.config
-    if overrides and config_file is None and "=" not in overrides[0]:
-        config_file = overrides.pop(0)
-    if config_file is None:
+    if args.config is None and not (args.overrides and "=" not in args.overrides[0]):
         raise JobError("give the run's config: sagan submit --config configs/cluster.yaml [key=value ...]")
-    cfg = load_config(config_file, overrides)
+    cfg = config_from_arguments(args.config, args.overrides)
     min_nodes, max_nodes = parse_nodes(args.nodes)
     shape = JobShape(min_nodes, max_nodes, args.gpus_per_node)
     check_runnable(cfg, shape, args.workload)
@@ -115,7 +110,7 @@ def submit(args: argparse.Namespace) -> int:
         f"submitted {workload.kind} {request.name} to namespace {request.namespace} on {cluster.host}: "
         f"{nodes} nodes × {shape.gpus_per_node} GPUs, image {image}"
     )
-    print(f"  run {cfg.run.dir}  data {cfg.data.url}  checkpoints {checkpoint_url(cfg)}")
+    print(f"  run {cfg.run.dir}  data {cfg.data.url}  checkpoints {checkpoint_location(cfg)}")
     print(f"  follow it: sagan status {request.name} / sagan logs {request.name}")
     return 0
 

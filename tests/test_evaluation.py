@@ -382,7 +382,7 @@ def test_training_evaluates_g_ema_for_metrics_run_log_checkpoint_and_json(digits
     )  # fmt: skip
     trainer = Trainer(cfg, init_runtime("cpu"))
     trainer.train()
-    result = json.loads((run / "eval" / "step_0000004.json").read_text())
+    result = json.loads((run / "eval" / "step_0000004-classifier.json").read_text())
     assert result["name"] == "G-EMA" and result["step"] == 4 and result["num_samples"] == 64
     fid = trainer.metrics.registry.get_sample_value("sagan_eval_fid", {"extractor": "classifier"})
     assert fid == pytest.approx(result["metrics"]["fid"])
@@ -393,6 +393,34 @@ def test_training_evaluates_g_ema_for_metrics_run_log_checkpoint_and_json(digits
     assert by_step[4]["loss_d"] is not None  # the training row of the same step is kept
     manifest = json.loads((run / "checkpoints" / "step_4" / "manifest.json").read_text())
     assert manifest["fid"] == pytest.approx(result["metrics"]["fid"])
+
+
+def test_a_failing_evaluation_is_counted_and_training_and_its_checkpoint_go_on(digits, tmp_path):
+    from trainer.config import load_config
+    from trainer.distributed import init_runtime
+    from trainer.trainer import Trainer
+
+    run = tmp_path / "run"
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml",
+        [f"data.url={digits}", f"run.dir={run}", "trainer.max_steps=4", "trainer.log_interval=2",
+         "trainer.global_batch_size=8", "checkpoint.interval_steps=2", "eval.interval_steps=2", *TINY,
+         "eval.batch_size=32"],
+    )  # fmt: skip
+    trainer = Trainer(cfg, init_runtime("cpu"))
+
+    def out_of_memory(module, inputs, output):  # what a too-large eval.batch_size does on a GPU
+        if len(inputs[0]) == 32:  # evaluation batches only, not the sample grid's
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    trainer.ema.module.register_forward_hook(out_of_memory)
+    trainer.train()
+    registry = trainer.metrics.registry
+    assert registry.get_sample_value("sagan_eval_failures_total") == 2  # steps 2 and 4
+    assert registry.get_sample_value("sagan_eval_running_since_timestamp_seconds") == 0
+    assert (run / "checkpoints" / "LATEST").read_text() == "step_4"
+    assert json.loads((run / "checkpoints" / "step_4" / "manifest.json").read_text())["fid"] is None
+    assert not (run / "eval").exists()
 
 
 def test_sagan_eval_prints_a_table_and_writes_json(digits, tmp_path, capsys):
@@ -406,8 +434,8 @@ def test_sagan_eval_prints_a_table_and_writes_json(digits, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "--generator", "both", "--metrics", "fid,accuracy"]) == 0
     out = capsys.readouterr().out
-    assert "G-EMA" in out and "FID" in out and f"wrote {run}/eval/step_2-classifier.json" in out
-    results = json.loads((run / "eval" / "step_2-classifier.json").read_text())
+    assert "G-EMA" in out and "FID" in out and f"wrote {run}/eval/step_0000002-classifier.json" in out
+    results = json.loads((run / "eval" / "step_0000002-classifier.json").read_text())
     assert [r["name"] for r in results] == ["G-EMA", "G"]
     assert set(results[0]["metrics"]) == {"fid", "accuracy"}
 
@@ -415,6 +443,25 @@ def test_sagan_eval_prints_a_table_and_writes_json(digits, tmp_path, capsys):
     assert main(["eval", "--data", digits, "--reference", digits, "--num-samples", "100", "--metrics", "fid",
                  "--out", str(out_file)]) == 0  # fmt: skip
     assert json.loads(out_file.read_text())[0]["num_samples"] == 100
+
+
+def test_a_distributed_sagan_eval_that_fails_says_why_in_one_line(digits, tmp_path):
+    """Under torchrun a failed rank leaves the job at once (os._exit): the error is said before that."""
+    run = tmp_path / "run"
+    assert (
+        main(["train", "--config", str(REPO / "configs" / "smoke.yaml"), f"data.url={digits}", f"run.dir={run}",
+              "trainer.max_steps=1", "trainer.global_batch_size=8", *TINY, "eval.metrics=[]"])
+        == 0
+    )  # fmt: skip
+    command = [
+        str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python", str(BIN / "sagan"), "eval",
+        "--checkpoint", str(run), "--metrics", "fid", "--reference", str(tmp_path / "no-such-dataset"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("sagan eval: error:")]
+    assert errors and "no-such-dataset" in errors[0], done.stderr[-3000:]
 
 
 def test_sagan_eval_bad_input_is_one_line_and_status_2(digits, tmp_path, capsys):

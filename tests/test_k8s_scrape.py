@@ -85,6 +85,19 @@ def operator_relabelings(monitor: dict[str, Any], endpoint: dict[str, Any]) -> l
                 "regex": str(endpoint["portNumber"]),
             }
         )
+    # The job label: "<namespace>/<podmonitor>", or the pod's jobLabel label when the pod has one.
+    namespace = monitor["metadata"].get("namespace", "default")
+    rules.append({"target_label": "job", "replacement": f"{namespace}/{monitor['metadata']['name']}"})
+    if monitor["spec"].get("jobLabel"):
+        name = re.sub(r"[^a-zA-Z0-9_]", "_", monitor["spec"]["jobLabel"])
+        rules.append(
+            {
+                "source_labels": [f"__meta_kubernetes_pod_label_{name}"],
+                "target_label": "job",
+                "regex": "(.+)",
+                "replacement": "${1}",
+            }
+        )
     return rules
 
 
@@ -185,6 +198,10 @@ def test_prometheus_scrapes_exactly_the_local_ranks_of_a_pytorchjob_pod(tmp_path
     for address, name in served.items():
         assert scraped[address]["health"] == "up", scraped[address].get("lastError")
         assert scraped[address]["labels"]["endpoint"] == name
+        # One job label per training job: the alerts and the dashboard aggregate by it.
+        assert (
+            scraped[address]["labels"]["job"] == template["metadata"]["labels"]["app.kubernetes.io/instance"]
+        )
 
 
 @pytest.mark.slow
@@ -222,3 +239,4 @@ def test_prometheus_scrapes_every_local_rank_of_a_trainjob_pod(tmp_path, serve_r
     for address, name in served.items():
         assert scraped[address]["health"] == "up", scraped[address].get("lastError")
         assert scraped[address]["labels"]["endpoint"] == name
+        assert scraped[address]["labels"]["job"] == labels["app.kubernetes.io/instance"]

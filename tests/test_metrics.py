@@ -63,6 +63,7 @@ def test_a_run_exports_the_contract_metrics(digits, tmp_path):
             "trainer.log_interval=1",
             "trainer.lr_g=0.0002",
             "checkpoint.interval_steps=2",
+            "eval.metrics=[]",  # evaluation's gauges are tested in test_evaluation.py
             f"run.dir={tmp_path / 'run'}",
             f"metrics.port={port}",
         ],
@@ -187,6 +188,7 @@ def test_counters_of_dataloader_workers_reach_the_endpoint(
             "trainer.global_batch_size=8",
             f"trainer.max_steps={NUM_SAMPLES // 8}",
             "trainer.log_interval=100",
+            "eval.metrics=[]",  # only the training stream reads through the proxy
             f"run.dir={tmp_path / 'run'}",
             f"metrics.port={port}",
         ],

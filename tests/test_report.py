@@ -16,7 +16,7 @@ from PIL import Image
 from data_pipeline.storage import open_store
 from trainer import samples
 from trainer.report import write_report
-from trainer.run_log import RunLog
+from trainer.run_log import RunLog, read_run_log
 
 ROOT = Path(__file__).resolve().parents[1]
 SAGAN = str(Path(sys.executable).with_name("sagan"))
@@ -41,11 +41,19 @@ def write_run(url: str, *, with_fid: bool) -> None:
             "gamma_g_blocks.attention32": step * 1e-4,
             "gamma_d_blocks.attention32": -step * 5e-5,
         }
-        if with_fid:
-            row["fid"] = 200.0 - step / 5 if step % 100 == 0 else None
         log.append(row)
+        if with_fid and step % 100 == 0:  # Trainer.evaluate logs its own row for the step
+            log.append(
+                {
+                    "step": step,
+                    "time": row["time"] + 1,
+                    "eval_fid": 200.0 - step / 5,
+                    "eval_accuracy": step / 1000,
+                }
+            )
         if step == 300:
             log.flush()
+            log.append({**row, "loss_d": 9.0})  # resumed from step 300: the step is logged again
     log.flush()
     store = open_store(url)
     images = torch.rand(20, 3, 32, 32) * 2 - 1
@@ -80,12 +88,15 @@ def test_report_of_a_local_run_through_the_cli(tmp_path):
         "throughput.png",
         "gammas.png",
         "fid.png",
+        "accuracy.png",
         "step_0000600.png",  # the latest grid, copied unchanged
     ]
     for name in names[:-1]:
         looks_like_a_plot(out / name)
     assert (out / "step_0000600.png").read_bytes() == (run / "samples" / "step_0000600.png").read_bytes()
-    assert f"10 … {10 * ROWS} ({ROWS} rows)" in index  # the flushed part repeats no row
+    assert f"10 … {10 * ROWS} ({ROWS} rows)" in index  # the repeated step is one row
+    row_300 = next(r for r in read_run_log(str(run)).to_pylist() if r["step"] == 300)
+    assert row_300["loss_d"] == 9.0 and row_300["eval_fid"] == 140.0  # the later value wins; rows merge
     assert "best FID</th><td>80.00 at step 600" in index
     assert "Samples at step 600, one row per class: G-EMA (left) and G (right)" in index
 

@@ -32,6 +32,7 @@ from trainer.reference import EVAL_FOLDER, dataset_hash, read_images
 log = logging.getLogger("trainer")
 
 HOLDOUT_EVERY = 10  # without a test split, every 10th training image is held out
+MAX_TRAIN_IMAGES = 200_000  # the classifier trains on at most this many images, held in memory
 BATCH_SIZE = 128
 LEARNING_RATE = 2e-3
 
@@ -144,13 +145,15 @@ def train_classifier(
     num_workers: int = 0,
     limit: int = 0,
 ) -> tuple[SmallCNN, ClassifierInfo]:
-    """Train on the real images of ``data_url`` (all, or the first ``limit``) and measure held-out accuracy."""
+    """Train on the real images of ``data_url`` (the first ``limit``, at most MAX_TRAIN_IMAGES: they are held
+    in memory) and measure held-out accuracy."""
     started = time.perf_counter()
     manifest = read_manifest(data_url)
     if manifest.num_classes < 2:
         raise DataError(
             f"the dataset at {data_url} has {manifest.num_classes} class: a classifier needs 2 or more"
         )
+    limit = min(limit or MAX_TRAIN_IMAGES, MAX_TRAIN_IMAGES)
     images, labels = read_images(data_url, limit=limit, num_workers=num_workers)
     if test_url:
         test_manifest = read_manifest(test_url)
@@ -169,8 +172,9 @@ def train_classifier(
         images, labels = images[~held], labels[~held]
         held_out = f"every {HOLDOUT_EVERY}th image of {data_url} (not trained on)"
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = SmallCNN(manifest.num_classes, width, manifest.image_size)
+    with torch.random.fork_rng(devices=[]):  # a training run's random state must not depend on a cache
+        torch.manual_seed(seed)
+        model = SmallCNN(manifest.num_classes, width, manifest.image_size)
     with torch.enable_grad():  # also when called from inside an evaluation (under no_grad)
         _fit(model, images, labels, epochs, generator)
     model.eval().requires_grad_(False)

@@ -146,6 +146,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def config_from_arguments(config_file: str | None, overrides: list[str]) -> Config:
+    """The config of a command line: ``--config FILE`` or a first argument without ``=``, then overrides."""
+    overrides = list(overrides)
+    if overrides and config_file is None and "=" not in overrides[0]:
+        config_file = overrides.pop(0)  # `sagan train configs/smoke.yaml` reads as well as --config
+    return load_config(config_file, overrides)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -154,6 +162,11 @@ def from_dict(tree: dict[str, Any]) -> Config:
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg
+
+
+def checkpoint_location(cfg: Config) -> str:
+    """Where the run's checkpoints go: ``checkpoint.url``, or ``<run.dir>/checkpoints`` when it is empty."""
+    return cfg.checkpoint.url or f"{cfg.run.dir.rstrip('/')}/checkpoints"
 
 
 def get(cfg: Config, key: str) -> Any:

@@ -209,6 +209,11 @@ class EvalResult:
         )
 
 
+def eval_result_name(step: int, extractor: str) -> str:
+    """Where an evaluation's JSON goes in a run folder, from training and from ``sagan eval`` alike."""
+    return f"eval/step_{step:07d}-{extractor}.json"
+
+
 def format_table(results: list[EvalResult]) -> str:
     header = ["", "step", "samples", "extractor", "FID", "KID ×1e3", "IS", "accuracy", "real acc."]
     rows = [header]
@@ -290,6 +295,11 @@ class Evaluator:
         num_workers: int = 0,
     ):
         cfg.validate()
+        if cfg.num_samples < world_size:
+            raise ValueError(
+                f"eval.num_samples={cfg.num_samples} is smaller than the world size {world_size}: "
+                "every rank generates a slice of the samples; use at least one per rank"
+            )
         self.cfg, self.data_url = cfg, data_url
         self.reference_url = cfg.reference_url or data_url
         self.resolution, self.z_dim, self.num_classes = resolution, z_dim, num_classes

@@ -94,6 +94,16 @@ class Metrics:
         self.eval_seconds = Gauge(
             "sagan_eval_duration_seconds", "Wall time of the last evaluation", registry=r
         )
+        self.eval_running_since = Gauge(
+            "sagan_eval_running_since_timestamp_seconds",
+            "When the evaluation under way started; 0 while none runs (training steps pause meanwhile)",
+            registry=r,
+        )
+        self.eval_failures = Counter(
+            "sagan_eval_failures",
+            "Evaluations that failed (training went on without their scores)",
+            registry=r,
+        )
         self.rank_info = Gauge(
             "sagan_rank_info", "Constant 1, labelled with this rank's identity",
             ["rank", "local_rank", "backend", "precision", "device"], registry=r,

@@ -42,7 +42,8 @@ PLOTS = (
     ),
     Plot("throughput", "Throughput (all ranks)", ("images_per_second",), "images / s"),
     Plot("gammas", "Self-attention gamma per layer", ("gamma_*",), "gamma"),
-    Plot("fid", "FID (lower is better)", ("fid",), "FID"),
+    Plot("fid", "FID of G-EMA (lower is better)", ("eval_fid",), "FID"),
+    Plot("accuracy", "Class accuracy of G-EMA samples", ("eval_accuracy",), "accuracy"),
 )
 LEGEND = {
     "loss_d": "D",
@@ -50,7 +51,8 @@ LEGEND = {
     "grad_norm_d": "D",
     "grad_norm_g": "G",
     "images_per_second": "images/s",
-    "fid": "FID",
+    "eval_fid": "FID",
+    "eval_accuracy": "accuracy",
 }
 
 
@@ -149,7 +151,11 @@ def _summary(table: pa.Table) -> list[tuple[str, str]]:
     rates = [r["images_per_second"] for r in rows[-10:] if r.get("images_per_second") is not None]
     if rates:
         facts.append(("images/s (last 10 rows)", f"{sum(rates) / len(rates):.1f}"))
-    fids = [(r["fid"], r["step"]) for r in rows if r.get("fid") is not None and math.isfinite(r["fid"])]
+    fids = [
+        (r["eval_fid"], r["step"])
+        for r in rows
+        if r.get("eval_fid") is not None and math.isfinite(r["eval_fid"])
+    ]
     if fids:
         facts.append(("last FID", f"{fids[-1][0]:.2f} at step {fids[-1][1]}"))
         best = min(fids)

@@ -7,6 +7,7 @@ flush (atomically: a reader sees whole parts only), so a cluster run's log outli
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import time
@@ -16,6 +17,8 @@ import pyarrow.parquet as pq
 
 from data_pipeline.errors import DataError
 from data_pipeline.storage import Store, open_store
+
+log = logging.getLogger("trainer")
 
 LOG_FOLDER = "log"
 FLUSH_SECONDS = 60.0  # a buffered row reaches storage within about this long (at the next append)
@@ -27,6 +30,7 @@ class RunLog:
         self.rows: list[dict[str, float | int]] = []
         self.flush_seconds = flush_seconds
         self._flushed_at = -math.inf  # the first row is written at once: a run shows it is alive
+        self.failures = 0  # flushes that could not write (their rows stay buffered)
 
     def append(self, row: dict[str, float | int]) -> None:
         """Buffer a row; write the buffer when it is older than ``flush_seconds``."""
@@ -35,7 +39,8 @@ class RunLog:
             self.flush()
 
     def flush(self) -> str | None:
-        """Write the buffered rows as one part; returns its URL (None when there was nothing to write)."""
+        """Write the buffered rows as one part; returns its URL, None when there was nothing to write or the
+        store refused (then the rows stay buffered for the next flush: a log write never stops a run)."""
         self._flushed_at = time.monotonic()
         if not self.rows:
             return None
@@ -44,7 +49,14 @@ class RunLog:
         name = f"{LOG_FOLDER}/part-{first:09d}-{last:09d}-{time.time_ns():019d}.parquet"
         buffer = io.BytesIO()
         pq.write_table(_table(self.rows), buffer)
-        self.store.write_bytes(name, buffer.getvalue())
+        try:
+            self.store.write_bytes(name, buffer.getvalue())
+        except DataError as err:  # storage down for longer than its retries: keep the rows, try again later
+            self.failures += 1
+            log.warning(
+                "run log: cannot write %s (%s); %d rows kept for the next flush", name, err, len(self.rows)
+            )
+            return None
         self.rows = []
         return self.store.url_of(name)
 

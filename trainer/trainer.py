@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.errors import ObjectNotFound
+from data_pipeline.errors import DataError, ObjectNotFound
 from data_pipeline.manifest import read_manifest
 from data_pipeline.prepare import parse_size, prepare
 from data_pipeline.storage import open_store
@@ -27,9 +27,9 @@ from trainer.checkpoint import (
     refuse_other_model,
     restore_rng_state,
 )
-from trainer.config import Config, ConfigError, to_dict
+from trainer.config import Config, ConfigError, checkpoint_location, to_dict
 from trainer.distributed import Runtime
-from trainer.evaluation import Evaluator
+from trainer.evaluation import Evaluator, eval_result_name
 from trainer.gan_step import make_backend
 from trainer.metrics import Metrics
 from trainer.run_log import RunLog
@@ -119,7 +119,7 @@ class Trainer:
             checkpoint_interval_steps=cfg.checkpoint.interval_steps,
         )
         self.checkpointer = Checkpointer(
-            cfg.checkpoint.url or self.run_store.url_of("checkpoints"),
+            checkpoint_location(cfg),
             cfg.checkpoint.keep_last,
             metrics=self.metrics,
         )
@@ -231,6 +231,8 @@ class Trainer:
     def _loop(self, stop: StopRequest) -> None:
         cfg, t, device = self.cfg, self.cfg.trainer, self.runtime.device
         self.maybe_resume()
+        if self.evaluator is not None:
+            self.evaluator.setup()  # extractors, classifier, reference features: fail now, not at the end
         batches = iter(self.stream)
         progress = tqdm(
             total=t.max_steps,
@@ -301,8 +303,23 @@ class Trainer:
         )
 
     def evaluate(self) -> float | None:
-        """Score G-EMA (every rank): Prometheus gauges, a run-log row, ``<run>/eval/step_N.json``; returns FID."""
-        result = self.evaluator.evaluate(self.ready_ema(), step=self.step, name="G-EMA")
+        """Score G-EMA (every rank): Prometheus gauges, a run-log row, ``<run>/eval/step_N-<extractor>.json``;
+        returns FID. An evaluation that fails is logged and counted, and training (and this step's
+        checkpoint) goes on without its scores; what it needs was checked before the first step."""
+        self.metrics.eval_running_since.set_to_current_time()
+        try:
+            result = self.evaluator.evaluate(self.ready_ema(), step=self.step, name="G-EMA")
+        except Exception as err:
+            self.metrics.eval_failures.inc()
+            log.error(
+                "rank %d: evaluation at step %d failed, training goes on: %s",
+                self.runtime.rank,
+                self.step,
+                err,
+            )
+            return None
+        finally:
+            self.metrics.eval_running_since.set(0)
         self.last_eval = result
         self.metrics.record_eval(self.step, result.extractor, result.metrics, result.seconds)
         if self.runtime.is_main:
@@ -313,7 +330,7 @@ class Trainer:
                     **{f"eval_{k}": v for k, v in result.metrics.items()},
                 }
             )
-            name = f"eval/step_{self.step:07d}.json"
+            name = eval_result_name(self.step, result.extractor)
             self.run_store.write_bytes(name, result.to_json())
             log.info("evaluation: %s -> %s", result.summary(), self.run_store.url_of(name))
         return result.metrics.get("fid")
@@ -370,6 +387,10 @@ class Trainer:
             "G": samples.draw(self.backend.G, self.grid_z, self.grid_y),
         }
         name = f"samples/step_{self.step:07d}.png"
-        self.run_store.write_bytes(name, samples.encode_panels(panels, self.cfg.trainer.sample_columns))
+        try:
+            self.run_store.write_bytes(name, samples.encode_panels(panels, self.cfg.trainer.sample_columns))
+        except DataError as err:  # storage down for longer than its retries: a grid never stops a run
+            log.warning("samples: cannot write %s (%s); training goes on", name, err)
+            return
         self.last_grid = self.run_store.url_of(name)
         log.info("samples (G-EMA left, G right): %s", self.last_grid)
