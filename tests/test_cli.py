@@ -68,6 +68,10 @@ def test_prepare_train_sample(digits, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stderr and "at step 4" in result.stderr
     assert load_folder(run / "checkpoints" / "step_6")[0]["step"] == 6
+    # The run ends by saying where its last grid is (G-EMA left, G right).
+    assert f"samples, one row per class (G-EMA left, G right): {run / 'samples' / 'step_0000006.png'}" in (
+        result.stderr
+    )
 
     out = tmp_path / "grid.png"
     result = sagan(
@@ -76,6 +80,22 @@ def test_prepare_train_sample(digits, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert np.asarray(Image.open(out)).shape == (3 * 34 + 2, 4 * 34 + 2, 3)
+
+
+@pytest.mark.slow
+def test_a_sample_grid_the_store_refuses_is_logged_and_the_run_goes_on(digits, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "samples").write_text("a file where the samples folder goes: every grid write is refused")
+    result = sagan(
+        "train", "configs/smoke.yaml", f"data.url={digits}", f"run.dir={run}", "trainer.max_steps=4",
+        "trainer.sample_interval=2", "checkpoint.interval_steps=2", *TINY,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for step in (2, 4):
+        assert f"samples: cannot write samples/step_{step:07d}.png" in result.stderr
+    assert load_folder(run / "checkpoints" / "step_4")[0]["step"] == 4
+    assert "finished at step 4" in result.stderr and "samples, one row per class" not in result.stderr
 
 
 @pytest.mark.parametrize(
