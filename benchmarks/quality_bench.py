@@ -1,7 +1,7 @@
 """The quality bar: train the default conditional SAGAN, score G and a bank of G-EMA schedules at every checkpoint.
 
     OMP_NUM_THREADS=1 python benchmarks/quality_bench.py train NAME [--steps 2000] [--every 250] [key=value ...]
-    python benchmarks/quality_bench.py evaluate NAME [NAME ...] [--num-samples 2000] [--steps 500,1000]
+    python benchmarks/quality_bench.py evaluate NAME [NAME ...] [--num-samples 2000] [--steps 500,1000] [--nets G,r0.1]
     python benchmarks/quality_bench.py grid NAME --step N --ema SCHEDULE --out PNG
 
 ``train`` runs the built-in default config with the overrides (e.g. ``model.attention_resolutions=[]``),
@@ -11,7 +11,7 @@ one run compares them all on the same G. At every checkpoint each is saved with 
 batch-norm statistics (``ema/<schedule>-step_N.pt``).
 
 ``evaluate`` scores, at every checkpoint step of each run, with the dataset classifier against the
-Fashion-MNIST test split: G; every schedule; and "d0.999, G's BN": decay 0.999 from step 0 with G's
+Fashion-MNIST test split: G; every schedule; and "d0.999 with G's BN": decay 0.999 from step 0 with G's
 batch-norm statistics copied in, i.e. G-EMA of the same G as it was before issue #14. Per net:
 classifier-FID and the classifier's accuracy on the samples; beside them the floor (as many real
 training images against the test split) and the classifier's accuracy on the real test images.
@@ -43,7 +43,7 @@ SCHEDULES = {
     "r0.3": dict(decay=0.9999, rampup=0.3),
     "r0.5": dict(decay=0.9999, rampup=0.5),
 }
-OLD_G_EMA = "d0.999, G's BN"
+OLD_G_EMA = "d0.999 with G's BN"
 
 
 class EMABank:
@@ -179,9 +179,13 @@ def evaluate(args: argparse.Namespace) -> None:
         evaluator = None
         for folder in checkpoint_folders(run_dir):
             step = int(folder.name[5:])
-            if (args.steps and step not in args.steps) or str(step) in scored:
+            if args.steps and step not in args.steps:
                 continue
             nets, manifest, cfg = checkpoint_nets(run_dir, folder)
+            row = scored.setdefault(str(step), {})
+            nets = {k: v for k, v in nets.items() if k not in row and (not args.nets or k in args.nets)}
+            if not nets:
+                continue
             if evaluator is None:
                 eval_cfg = EvalConfig(
                     metrics=["fid", "accuracy"],
@@ -196,13 +200,11 @@ def evaluate(args: argparse.Namespace) -> None:
                     z_dim=cfg.model.z_dim,
                     num_classes=manifest["num_classes"],
                 )
-            row = {}
-            for label, net in nets.items():
+            for label, net in nets.items():  # each score is kept as soon as it is known
                 result = evaluator.evaluate(net, step=step, name=label)
                 row[label] = {"fid": result.metrics["fid"], "accuracy": result.metrics["accuracy"]}
-                print(f"{name} step {step} {label}: {result.summary()}", flush=True)
-            scored[str(step)] = row
-            out.write_text(json.dumps(scored, indent=1))
+                print(f"{name} step {step} {label}: {result.summary()} [{result.seconds:.0f} s]", flush=True)
+                out.write_text(json.dumps(scored, indent=1))
         if evaluator is not None and floor is None:
             real = evaluator.evaluate_real(evaluator.data_url, limit=args.num_samples, name="real train")
             floor = {
@@ -224,7 +226,7 @@ def evaluate(args: argparse.Namespace) -> None:
         )
     for name, (scored, pace) in results.items():
         print(f"\n{name}" + ("" if pace is None else f" ({pace:.2f} s/step)"))
-        labels = list(next(iter(scored.values())).keys()) if scored else []
+        labels = list(dict.fromkeys(label for row in scored.values() for label in row))
         print("| step | " + " | ".join(labels) + " |")
         print("|---" * (len(labels) + 1) + "|")
         for step in sorted(scored, key=int):
@@ -265,6 +267,7 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--test-data", default="data/fashion-mnist-32-test")
     p.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    p.add_argument("--nets", type=lambda s: s.split(","), default=None, help="e.g. G,r0.1 (default: all)")
     p = sub.add_parser("grid")
     p.add_argument("name")
     p.add_argument("--step", type=int, required=True)
