@@ -67,7 +67,14 @@ def _sample(args: argparse.Namespace) -> int:
     from trainer.samples import sample_grid
 
     classes = [int(c) for c in args.classes.split(",")] if args.classes else None
-    path = sample_grid(args.checkpoint, args.out, classes=classes, columns=args.columns, seed=args.seed)
+    path = sample_grid(
+        args.checkpoint,
+        args.out,
+        classes=classes,
+        columns=args.columns,
+        seed=args.seed,
+        generator=args.generator,
+    )
     print(f"wrote {path}")
     return 0
 
@@ -155,12 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_eval)
 
-    p = sub.add_parser("sample", help="draw a grid from a checkpoint's G-EMA, one row per class")
+    p = sub.add_parser("sample", help="draw a grid from a checkpoint's G-EMA and G, one row per class")
     p.add_argument("--checkpoint", required=True, help="a run folder, checkpoints folder or step folder")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--classes", default=None, help="comma-separated class ids (default: up to 10 classes)")
-    p.add_argument("--columns", type=int, default=8, help="samples per class")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--columns", type=int, default=None, help="samples per class (default: the run's, 8)")
+    p.add_argument("--seed", type=int, default=None, help="the noise (default: the run's, as in its grids)")
+    p.add_argument(
+        "--generator",
+        choices=("both", "ema", "g"),
+        default="both",
+        help="both: G-EMA and G side by side (as the run's grids); ema or g: one of them",
+    )
     p.set_defaults(run=_sample)
 
     p = sub.add_parser("report", help="PNG plots of a run's log and its latest samples, in one index.html")

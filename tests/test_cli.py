@@ -49,9 +49,12 @@ def test_prepare_train_sample(digits, tmp_path):
     grids = sorted((run / "samples").glob("step_*.png"))
     assert [g.name for g in grids] == ["step_0000002.png", "step_0000004.png"]
     grid = np.asarray(Image.open(grids[-1]))
-    # 10 digit classes, one row each, 8 columns of 32x32 with 2-pixel padding; not a blank canvas
-    assert grid.shape == (10 * 34 + 2, 8 * 34 + 2, 3)
-    assert grid[2:34, 2:34].std() > 0
+    # G-EMA and G side by side under their names: 10 digit classes, one row each, 8 columns of 32x32 with
+    # 2-pixel padding, 12 pixels apart; not a blank canvas
+    label, width = 14, 8 * 34 + 2
+    assert grid.shape == (label + 10 * 34 + 2, 2 * width + 12, 3)
+    assert grid[label + 2 : label + 34, 2:34].std() > 0  # G-EMA
+    assert grid[label + 2 : label + 34, width + 14 : width + 46].std() > 0  # G
     state, manifest = load_folder(run / "checkpoints" / "step_4")
     assert manifest["step"] == 4 and state["step"] == 4
     assert (run / "checkpoints" / "LATEST").read_text() == "step_4"
@@ -65,13 +68,34 @@ def test_prepare_train_sample(digits, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stderr and "at step 4" in result.stderr
     assert load_folder(run / "checkpoints" / "step_6")[0]["step"] == 6
+    # The run ends by saying where its last grid is (G-EMA left, G right).
+    assert f"samples, one row per class (G-EMA left, G right): {run / 'samples' / 'step_0000006.png'}" in (
+        result.stderr
+    )
 
     out = tmp_path / "grid.png"
     result = sagan(
-        "sample", "--checkpoint", str(run), "--out", str(out), "--classes", "0,3,7", "--columns", "4"
-    )
+        "sample", "--checkpoint", str(run), "--out", str(out), "--classes", "0,3,7", "--columns", "4",
+        "--generator", "ema",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert np.asarray(Image.open(out)).shape == (3 * 34 + 2, 4 * 34 + 2, 3)
+
+
+@pytest.mark.slow
+def test_a_sample_grid_the_store_refuses_is_logged_and_the_run_goes_on(digits, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "samples").write_text("a file where the samples folder goes: every grid write is refused")
+    result = sagan(
+        "train", "configs/smoke.yaml", f"data.url={digits}", f"run.dir={run}", "trainer.max_steps=4",
+        "trainer.sample_interval=2", "checkpoint.interval_steps=2", *TINY,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for step in (2, 4):
+        assert f"samples: cannot write samples/step_{step:07d}.png" in result.stderr
+    assert load_folder(run / "checkpoints" / "step_4")[0]["step"] == 4
+    assert "finished at step 4" in result.stderr and "samples, one row per class" not in result.stderr
 
 
 @pytest.mark.parametrize(

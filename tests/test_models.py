@@ -1,4 +1,4 @@
-"""SAGAN G and D, spectral-normed layers, conditional BN, hinge losses and EMA, through the public API."""
+"""SAGAN G and D, spectral-normed layers, conditional BN and hinge losses, through the public API (EMA: test_ema.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import SelfAttention2d
-from models.ema import EMA
 from models.layers import ConditionalBatchNorm2d, SNLayers
 from models.losses import d_hinge_loss, g_hinge_loss
 from models.sagan import Discriminator, Generator, ModelConfig, attention_gammas, build_models
@@ -222,54 +221,6 @@ def test_hinge_losses_are_fp32_under_autocast() -> None:
     assert d_loss.dtype == g_loss.dtype == torch.float32
     expected = (1 - real.float()).clamp(min=0).mean() + (1 + fake.float()).clamp(min=0).mean()
     assert d_loss.item() == pytest.approx(expected.item(), rel=1e-6)
-
-
-# --- EMA -------------------------------------------------------------------------------------------
-
-
-def test_ema_update_lerps_parameters_and_copies_buffers() -> None:
-    G, _ = tiny_pair(32)
-    ema = EMA(G)
-    old = {name: p.detach().clone() for name, p in ema.module.named_parameters()}
-    z, y = inputs(G, batch=4)
-    G(z, y)  # training forward: moves BN running stats and spectral norm's u, v
-    with torch.no_grad():
-        for param in G.parameters():
-            param.add_(torch.randn_like(param))
-    ema.update(G, decay=0.75)
-
-    live = dict(G.named_parameters())
-    assert "blocks.block0.conv1.parametrizations.weight.original" in live
-    for name, param in ema.module.named_parameters():
-        torch.testing.assert_close(param, 0.75 * old[name] + 0.25 * live[name].detach(), msg=name)
-        assert not param.requires_grad
-    live_buffers = dict(G.named_buffers())
-    assert "blocks.block0.conv1.parametrizations.weight.0._u" in live_buffers
-    for name, buffer in ema.module.named_buffers():
-        assert torch.equal(buffer, live_buffers[name]), name
-    assert not ema.module.training and G.training
-
-
-def test_ema_state_dict_round_trip_and_sampling() -> None:
-    G, _ = tiny_pair(32)
-    ema = EMA(G)
-    with torch.no_grad():
-        G.blocks["attention32"].gamma.fill_(0.5)
-    ema.update(G, decay=0.0)
-    restored = EMA(tiny_pair(32)[0])
-    restored.load_state_dict(ema.state_dict())
-    assert attention_gammas(restored.module) == {"blocks.attention32": 0.5}
-    z, y = inputs(G)
-    torch.testing.assert_close(restored.module(z, y), ema.module(z, y))
-
-
-def test_ema_rejects_a_wrapped_model_and_bad_decay() -> None:
-    G, _ = tiny_pair(32)
-    ema = EMA(G)
-    with pytest.raises(ValueError, match="unwrapped model"):
-        ema.update(nn.Sequential(G), decay=0.9)
-    with pytest.raises(ValueError, match=re.escape("decay=1.5")):
-        ema.update(G, decay=1.5)
 
 
 # --- config and argument errors --------------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_report_of_a_local_run_through_the_cli(tmp_path):
     row_300 = next(r for r in read_run_log(str(run)).to_pylist() if r["step"] == 300)
     assert row_300["loss_d"] == 9.0 and row_300["eval_fid"] == 140.0  # the later value wins; rows merge
     assert "best FID</th><td>80.00 at step 600" in index
-    assert "G-EMA samples at step 600" in index
+    assert "Samples at step 600, one row per class: G-EMA (left) and G (right)" in index
 
 
 def test_a_run_without_fid_or_samples_gets_the_other_plots(tmp_path):

@@ -33,8 +33,10 @@ class TrainerConfig:
     betas_d: list[float] = field(default_factory=lambda: [0.0, 0.9])
     precision: str = "fp32"  # fp32 | bf16 | fp16
     seed: int = 0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.9999  # G-EMA's decay once ramped up
     ema_start_step: int = 0  # before this step G-EMA copies G
+    ema_rampup: float = 0.1  # G-EMA averages over at most this share of the steps so far; 0: no ramp-up
+    ema_bn_batches: int = 16  # batches of G-EMA's own forward passes that measure its batch-norm statistics
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 20
     sample_interval: int = 500
@@ -101,6 +103,7 @@ POSITIVE = (
     "trainer.sample_columns",
     "trainer.timeout_seconds",
     "trainer.preemption_grace_seconds",
+    "trainer.ema_bn_batches",
     "checkpoint.interval_steps",
     "checkpoint.keep_last",
     "data.shuffle_block_shards",
@@ -115,6 +118,8 @@ NON_NEGATIVE = (
     "trainer.bn_group_size",
     "trainer.nonfinite_reload_after",
     "trainer.nonfinite_max_reloads",
+    "trainer.ema_start_step",
+    "trainer.ema_rampup",
 )
 
 

@@ -175,7 +175,7 @@ def _index(run_url: str, table: pa.Table, figures: list[Plot], grid: str | None)
         step = name.removeprefix("step_").removesuffix(".png").lstrip("0") or "0"
         images += (
             f'\n<figure><img src="{e(name)}" alt="samples" class="grid">'
-            f"<figcaption>G-EMA samples at step {e(step)}, one row per class</figcaption></figure>"
+            f"<figcaption>Samples at step {e(step)}, one row per class: G-EMA (left) and G (right)</figcaption></figure>"
         )
     return f"""<!doctype html>
 <html lang="en">

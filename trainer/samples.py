@@ -1,4 +1,8 @@
-"""Sample grids: fixed noise and classes, drawn by G-EMA, saved as PNG."""
+"""Sample grids: fixed noise and classes, one row per class, drawn by G-EMA and G, saved as PNG.
+
+The trainer's grids (``<run>/samples/step_N.png``) hold two labelled panels, G-EMA on the left and
+the live G on the right, drawn from the same noise; ``sagan sample`` draws the same from a checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 MAX_GRID_CLASSES = 10
+PANEL_GAP = 12  # pixels between the G-EMA and G panels
+LABEL_HEIGHT = 14  # the strip above each panel holding its name
+GENERATORS = {"ema": "G-EMA", "g": "G"}
 
 
 def grid_classes(num_classes: int, classes: list[int] | None = None) -> list[int]:
@@ -53,8 +60,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return scaled.permute(0, 2, 3, 1).numpy()
 
 
-def encode_grid(images: torch.Tensor, columns: int, padding: int = 2) -> bytes:
-    """Tile images row by row, ``columns`` per row, as the bytes of a PNG."""
+def tile(images: torch.Tensor, columns: int, padding: int = 2) -> np.ndarray:
+    """Images row by row, ``columns`` per row, on a white canvas: (H, W, C) uint8."""
     pixels = to_uint8(images)
     n, h, w, c = pixels.shape
     rows = -(-n // columns)
@@ -62,33 +69,85 @@ def encode_grid(images: torch.Tensor, columns: int, padding: int = 2) -> bytes:
     for i, image in enumerate(pixels):
         top, left = padding + (i // columns) * (h + padding), padding + (i % columns) * (w + padding)
         canvas[top : top + h, left : left + w] = image
+    return canvas
+
+
+def _png(canvas: np.ndarray) -> bytes:
     out = io.BytesIO()
-    Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas).save(out, format="PNG")
+    Image.fromarray(canvas.squeeze(-1) if canvas.shape[-1] == 1 else canvas).save(out, format="PNG")
     return out.getvalue()
 
 
-def save_grid(images: torch.Tensor, path: str | Path, columns: int, padding: int = 2) -> Path:
-    """Write the grid of ``images`` as a PNG file, atomically."""
+def encode_grid(images: torch.Tensor, columns: int, padding: int = 2) -> bytes:
+    """Tile images row by row, ``columns`` per row, as the bytes of a PNG."""
+    return _png(tile(images, columns, padding))
+
+
+def encode_panels(panels: dict[str, torch.Tensor], columns: int, padding: int = 2) -> bytes:
+    """Grids of the same noise side by side, left to right, each under its name (e.g. G-EMA, G), as PNG bytes."""
+    grids = [tile(images, columns, padding) for images in panels.values()]
+    if len(grids) == 1:
+        return _png(grids[0])
+    h, w, c = grids[0].shape
+    canvas = np.full((LABEL_HEIGHT + h, len(grids) * w + (len(grids) - 1) * PANEL_GAP, c), 255, np.uint8)
+    for i, grid in enumerate(grids):
+        canvas[LABEL_HEIGHT:, i * (w + PANEL_GAP) : i * (w + PANEL_GAP) + w] = grid
+    image = Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas)
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=LABEL_HEIGHT - 3)
+    for i, name in enumerate(panels):
+        draw.text(
+            (i * (w + PANEL_GAP) + w // 2, LABEL_HEIGHT // 2), name, fill=(0,) * c, font=font, anchor="mm"
+        )
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_atomically(data: bytes, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(encode_grid(images, columns, padding))
+    partial.write_bytes(data)
     partial.replace(path)
     return path
 
 
+def save_grid(images: torch.Tensor, path: str | Path, columns: int, padding: int = 2) -> Path:
+    """Write the grid of ``images`` as a PNG file, atomically."""
+    return write_atomically(encode_grid(images, columns, padding), path)
+
+
 def sample_grid(
-    checkpoint_url: str, out: str | Path, *, classes: list[int] | None = None, columns: int = 8, seed: int = 0
+    checkpoint_url: str,
+    out: str | Path,
+    *,
+    classes: list[int] | None = None,
+    columns: int | None = None,
+    seed: int | None = None,
+    generator: str = "both",
 ) -> Path:
-    """Draw a grid from a checkpoint's G-EMA: one row per class, ``columns`` samples each."""
+    """Draw a checkpoint's G-EMA (``ema``), G (``g``) or both side by side (``both``): one row per class.
+
+    By default with the trainer's noise, so the grid of a checkpoint of step N is its run's
+    ``samples/step_N.png``. G-EMA's batch-norm statistics are those the trainer measured and saved.
+    """
     from models.sagan import build_models
     from trainer.checkpoint import load_folder, resolve
     from trainer.config import from_dict
 
+    if generator not in (*GENERATORS, "both"):
+        raise ValueError(f"--generator {generator!r} is not one of ema, g, both")
     state, manifest = load_folder(resolve(checkpoint_url))
     cfg = from_dict(manifest["config"])
-    G, _ = build_models(cfg.model, manifest["num_classes"])
-    G.load_state_dict(state["G_ema"])
+    columns = columns or cfg.trainer.sample_columns
     rows = grid_classes(manifest["num_classes"], classes)
-    z, y = fixed_inputs(cfg.model.z_dim, rows, columns, seed, torch.device("cpu"))
-    return save_grid(draw(G, z, y), out, columns)
+    z, y = fixed_inputs(
+        cfg.model.z_dim, rows, columns, cfg.trainer.seed if seed is None else seed, torch.device("cpu")
+    )
+    weights = {"ema": state["G_ema"], "g": state["backend"]["G"]}
+    panels = {}
+    for key in GENERATORS if generator == "both" else (generator,):
+        G, _ = build_models(cfg.model, manifest["num_classes"])
+        G.load_state_dict(weights[key])
+        panels[GENERATORS[key]] = draw(G, z, y)
+    return write_atomically(encode_panels(panels, columns), out)

@@ -16,7 +16,7 @@ from data_pipeline.manifest import MANIFEST_NAME, read_manifest
 from data_pipeline.prepare import parse_size, prepare
 from data_pipeline.storage import open_store
 from data_pipeline.stream import ShardStream, split_batch
-from models.ema import EMA
+from models.ema import EMA, ema_decay
 from models.sagan import attention_gammas, build_models
 from trainer import samples
 from trainer.checkpoint import (
@@ -89,6 +89,16 @@ def noise(
     return z[rank_slice], y[rank_slice]
 
 
+def batch_norm_inputs(seed: int, num_batches: int, batch_size: int, z_dim: int, num_classes: int, device):
+    """The z and labels G-EMA's batch-norm statistics are measured on: the same every time, on every rank,
+    from a generator of their own (the training RNG is not touched)."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(num_batches):
+        z = torch.randn(batch_size, z_dim, generator=generator)
+        y = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        yield z.to(device), y.to(device)
+
+
 class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime):
         self.cfg, self.runtime = cfg, runtime
@@ -124,6 +134,7 @@ class Trainer:
         G, D = build_models(cfg.model, self.num_classes)
         self.backend = make_backend(G, D, t, runtime)
         self.ema = EMA(self.backend.G)
+        self.ema_statistics_step = -1  # the step G-EMA's batch-norm statistics were measured at
         self.metrics = Metrics(
             cfg.metrics,
             runtime,
@@ -156,6 +167,7 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the last checkpoint handed to the writer
         self.progress: tqdm | None = None
         self.nonfinite = NonFiniteGuard(t.nonfinite_reload_after, t.nonfinite_max_reloads)
+        self.last_grid, self.last_eval = "", None  # for the closing note
         grid = samples.grid_classes(self.num_classes)
         self.grid_z, self.grid_y = samples.fixed_inputs(
             cfg.model.z_dim, grid, t.sample_columns, t.seed, runtime.device
@@ -179,11 +191,34 @@ class Trainer:
         self.stream.load_state_dict(json.loads(state["data"]))
         restore_rng_state(state.get("rng"), self.runtime.rank)
 
+    def ready_ema(self) -> torch.nn.Module:
+        """G-EMA with batch-norm statistics measured on its own weights at this step (every rank calls this).
+
+        Sample grids, evaluation and checkpoints all use it, so ``sagan sample`` and ``sagan eval`` of a
+        checkpoint see the trainer's G-EMA. Training never reads G-EMA's statistics: measuring them
+        changes neither the run nor its RNG.
+        """
+        if self.ema_statistics_step != self.step:
+            t = self.cfg.trainer
+            self.ema.recompute_batch_norm(
+                batch_norm_inputs(
+                    t.seed,
+                    t.ema_bn_batches,
+                    t.bn_group_size or self.batch_size,  # the batch G's statistics were taken over
+                    self.cfg.model.z_dim,
+                    self.num_classes,
+                    self.runtime.device,
+                )
+            )
+            self.ema_statistics_step = self.step
+        return self.ema.module
+
     def save_checkpoint(self, fid: float | None = None) -> None:
         """Stalls every rank only for the snapshot; rank 0 writes it in the background (after the previous
         save, which every rank waits for in short collectives, never one as long as the upload)."""
         self.control.wait_for_rank0(self.checkpointer.idle)
         started = time.perf_counter()
+        self.ready_ema()
         state = self.state_dict()
         if self.runtime.is_main:
             meta = {
@@ -303,7 +338,8 @@ class Trainer:
             g_update = self.backend.g_step(z, y_fake)
             skipped += g_update.skipped
             self.nonfinite.observe(g_update.skipped, self.step)
-            self.ema.update(self.backend.G, 0.0 if self.step < t.ema_start_step else t.ema_decay)
+            decay = ema_decay(self.step, decay=t.ema_decay, start_step=t.ema_start_step, rampup=t.ema_rampup)
+            self.ema.update(self.backend.G, decay)
             self.step += 1
             logging_step = self.step % t.log_interval == 0 or self.step == t.max_steps
             if logging_step:  # host synchronisations only when logging
@@ -332,6 +368,17 @@ class Trainer:
         if self.runtime.is_main:
             self.run_log.flush()
         self.wait_for_checkpoint()  # the job succeeds only once its last checkpoint is committed
+        if self.runtime.is_main:
+            log.info("%s", self.closing_note())
+
+    def closing_note(self) -> str:
+        """What the run left: the last grid and, when evaluated, G-EMA's classifier-FID and sample accuracy."""
+        lines = [f"finished at step {self.step}: checkpoints in {self.checkpointer.url}"]
+        if self.last_grid:
+            lines.append(f"  samples, one row per class (G-EMA left, G right): {self.last_grid}")
+        if self.last_eval is not None:
+            lines.append(f"  {self.last_eval.summary()}")
+        return "\n".join(lines)
 
     def _reload_last_good(self) -> None:
         """Every rank, at the same step: back to the newest checkpoint from before the run of non-finite
@@ -390,7 +437,7 @@ class Trainer:
         checkpoint) goes on without its scores; what it needs was checked before the first step."""
         self.metrics.eval_running_since.set_to_current_time()
         try:
-            result = self.evaluator.evaluate(self.ema.module, step=self.step, name="G-EMA")
+            result = self.evaluator.evaluate(self.ready_ema(), step=self.step, name="G-EMA")
         except Exception as err:
             self.metrics.eval_failures.inc()
             log.error(
@@ -402,6 +449,7 @@ class Trainer:
             return None
         finally:
             self.metrics.eval_running_since.set(0)
+        self.last_eval = result
         self.metrics.record_eval(self.step, result.extractor, result.metrics, result.seconds)
         if self.runtime.is_main:
             self.run_log.append(
@@ -462,9 +510,18 @@ class Trainer:
             progress.set_postfix(d=f"{d_update.loss:.3f}", g=f"{g_update.loss:.3f}", img_s=f"{rate:.0f}")
 
     def _save_samples(self) -> None:
+        G_ema = self.ready_ema()
         if not self.runtime.is_main:
             return
-        images = samples.draw(self.ema.module, self.grid_z, self.grid_y)
+        panels = {
+            "G-EMA": samples.draw(G_ema, self.grid_z, self.grid_y),
+            "G": samples.draw(self.backend.G, self.grid_z, self.grid_y),
+        }
         name = f"samples/step_{self.step:07d}.png"
-        self.run_store.write_bytes(name, samples.encode_grid(images, self.cfg.trainer.sample_columns))
-        log.info("samples: %s", self.run_store.url_of(name))
+        try:
+            self.run_store.write_bytes(name, samples.encode_panels(panels, self.cfg.trainer.sample_columns))
+        except DataError as err:  # storage down for longer than its retries: a grid never stops a run
+            log.warning("samples: cannot write %s (%s); training goes on", name, err)
+            return
+        self.last_grid = self.run_store.url_of(name)
+        log.info("samples (G-EMA left, G right): %s", self.last_grid)
