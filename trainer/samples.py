@@ -145,9 +145,12 @@ def sample_grid(
         cfg.model.z_dim, rows, columns, cfg.trainer.seed if seed is None else seed, torch.device("cpu")
     )
     weights = {"ema": state["G_ema"], "g": state["backend"]["G"]}
+    # The layout the trainer drew its grids in: another one rounds differently, a pixel here and there.
+    channels_last = cfg.trainer.channels_last and cfg.trainer.backend == "ddp"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     panels = {}
     for key in GENERATORS if generator == "both" else (generator,):
         G, _ = build_models(cfg.model, manifest["num_classes"])
-        G.load_state_dict(weights[key])
+        G.to(memory_format=memory_format).load_state_dict(weights[key])
         panels[GENERATORS[key]] = draw(G, z, y)
     return write_atomically(encode_panels(panels, columns), out)
