@@ -45,6 +45,7 @@ def fixed_inputs(
 @torch.no_grad()
 def draw(G: nn.Module, z: torch.Tensor, y: torch.Tensor, batch: int = 64) -> torch.Tensor:
     was_training = G.training
+    z = z.to(next(G.parameters()).dtype)  # DeepSpeed's bf16/fp16 G takes noise of its own dtype
     G.eval()
     try:
         return torch.cat(
