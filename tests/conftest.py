@@ -170,6 +170,18 @@ def fault_proxy(_session_fault_proxy, s3_env: str, monkeypatch: pytest.MonkeyPat
     proxy.reset()
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """In-process training on one thread, as the suite's training subprocesses (OMP_NUM_THREADS=1): two
+    OpenMP threads on a busy 2-core machine wait on each other far longer than they compute."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scikit-learn's 1,797 digits at 32x32 as a local dataset, prepared once for the session."""

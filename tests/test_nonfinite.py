@@ -19,13 +19,7 @@ from trainer.trainer import Trainer
 ONE_PROCESS = Runtime(0, 0, 1, torch.device("cpu"), "single")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """As the suite's training processes: the two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_run(data, run_dir, *overrides: str):
