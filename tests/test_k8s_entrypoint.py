@@ -103,7 +103,8 @@ def test_the_pod_entry_point_trains_stops_on_sigterm_with_a_checkpoint_and_resum
     arguments = [
         *container["args"][:2][:1],
         str(config),  # --config /etc/sagan/config.yaml
-        f"data.url=s3://{s3_bucket}/digits-32",  # prepare_source=digits: rank 0 prepares it on first use
+        f"data.url=s3://{s3_bucket}/digits-32",
+        "data.prepare_source=digits",  # named with the new data.url: rank 0 prepares it there on first use
         f"run.dir=s3://{s3_bucket}/dev",
         "model.g_channels=8",
         "model.d_channels=8",
