@@ -14,10 +14,16 @@ batches, and the rank's batch order is torch's DataLoader round-robin over them 
 worker j % num_workers). All ranks consume batches in lockstep, so after k batches every rank knows
 the consumed set without talking to the others: that is ``state_dict()``, and ``load_state_dict()``
 re-splits what remains for any world size, batch size or worker count.
+
+What follows a segment is a pure function of it (``following``), so one DataLoader serves the whole
+run: each worker walks the same succession of segments and takes its slot of every one (the slot that
+the loader's round-robin gives it, counting the batches of the segments before), and no worker process
+is started again at an epoch's end.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 import time
@@ -211,6 +217,38 @@ class Segment:
             start = self.run_start(rank, run) + i * b
             per_run[run].append((index, take(self.intervals, start, start + b)))
         return [per_run[(first_run + slot) % self.num_runs] for slot in range(self.num_runs)]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What decides the segment after another: the dataset's size, the batches, the workers, the tail."""
+
+    num_samples: int
+    batch_sizes: tuple[int, ...]
+    num_runs: int
+    remainder: str  # drop | wrap
+
+    def plan(self, intervals: list[Interval], *, wrap_step: bool = False) -> Segment:
+        """The segment over ``intervals``; if not one global batch fits, the one that follows it."""
+        segment = Segment.plan(merge(intervals), self.batch_sizes, self.num_runs, wrap_step=wrap_step)
+        return self.following(segment) if segment.steps == 0 else segment
+
+    def following(self, segment: Segment) -> Segment:
+        """The rest of the segment's epoch, or the next epoch, where the tail smaller than one global
+        batch is dropped or (wrap) completed to one global batch by the next epoch."""
+        n, global_batch = self.num_samples, sum(self.batch_sizes)
+        left = segment.remaining(segment.steps)
+        if total(left) >= global_batch:
+            return self.plan(left)  # after a wrap step or a resume: the rest of the epoch
+        if self.remainder == "wrap" and left:
+            while total(left) < global_batch:
+                left.append((max(e for e, _, _ in left) + 1, 0, n))
+            return self.plan(left, wrap_step=True)
+        return self.plan([(epoch_of(segment) + 1, 0, n)])
+
+
+def epoch_of(segment: Segment) -> int:
+    return max((e for e, _, _ in segment.intervals), default=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,13 +500,28 @@ class _BatchReader:
         return int(np.searchsorted(self.shard_starts, sample, side="right")) - 1
 
 
-class _SegmentBatches(IterableDataset):
-    def __init__(self, reader: _BatchReader, slots: list[list[tuple[int, list[Interval]]]]):
-        self.reader, self.slots = reader, slots
+class _Succession(IterableDataset):
+    """A rank's batches from ``consumed`` in ``first`` on, segment after segment, without end.
+
+    The loader hands out batch k of its iteration from worker k % W, so a worker serves, of a segment
+    whose first batch is the loader's k0-th, the slot (worker - k0) % W of ``Segment.tasks``."""
+
+    def __init__(self, reader: _BatchReader, rank: int, first: Segment, consumed: int, rules: Rules):
+        self.reader, self.rank, self.first, self.consumed, self.rules = reader, rank, first, consumed, rules
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
-        return self.reader.batches(self.slots[worker.id if worker else 0])
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        segment, consumed, before = self.first, self.consumed, 0
+        for serial in itertools.count():
+            slots = segment.tasks(self.rank, consumed)
+            for batch in self.reader.batches(slots[(worker_id - before) % workers]):
+                batch["segment"] = serial
+                yield batch
+                if "error" in batch:
+                    return
+            before += segment.steps - consumed
+            segment, consumed = self.rules.following(segment), 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,8 +579,11 @@ class ShardStream:
             resolution=resolution,
         )
         self._reader = self._make_reader()
-        self.epoch = 0
-        self._start_segment([(0, 0, self.manifest.num_samples)])
+        self.rules = Rules(
+            self.manifest.num_samples, self.batch_sizes, max(1, cfg.num_workers), cfg.remainder
+        )
+        self.moves = 0  # load_state_dict() calls: a loader started before one is stale
+        self._set_segment(self.rules.plan([(0, 0, self.manifest.num_samples)]))
 
     # -- set-up ---------------------------------------------------------------------------------------
     def _open_manifest(self, seed: int) -> Manifest:
@@ -565,32 +621,8 @@ class ShardStream:
             leave_jpeg_encoded=self._gpu_jpeg is not None,
         )
 
-    def _start_segment(self, intervals: list[Interval], *, wrap_step: bool = False) -> None:
-        self.segment = Segment.plan(
-            merge(intervals),
-            self.batch_sizes,
-            max(1, self.cfg.num_workers),
-            wrap_step=wrap_step,
-        )
-        self.consumed = 0
-        if self.segment.intervals:
-            self.epoch = max(e for e, _, _ in self.segment.intervals)
-        if self.segment.steps == 0:
-            self._next_segment()
-
-    def _next_segment(self) -> None:
-        """Plan what follows the current segment: the rest of its epoch, or the next epoch, where the tail
-        smaller than one global batch is dropped or (wrap) completed to one global batch by the next epoch."""
-        n, global_batch = self.manifest.num_samples, sum(self.batch_sizes)
-        left = self.segment.remaining(self.segment.steps)
-        if total(left) >= global_batch:
-            self._start_segment(left)  # after a wrap step or a resume: the rest of the epoch
-        elif self.cfg.remainder == "wrap" and left:
-            while total(left) < global_batch:
-                left.append((max(e for e, _, _ in left) + 1, 0, n))
-            self._start_segment(left, wrap_step=True)
-        else:
-            self._start_segment([(self.epoch + 1, 0, n)])
+    def _set_segment(self, segment: Segment, consumed: int = 0) -> None:
+        self.segment, self.consumed, self.epoch = segment, consumed, epoch_of(segment)
 
     # -- iteration ------------------------------------------------------------------------------------
     def batches_remaining(self) -> int:
@@ -598,26 +630,33 @@ class ShardStream:
         return self.segment.steps - self.consumed
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One DataLoader for every epoch from here on (a new one only after ``load_state_dict``)."""
         while True:
-            segment = self.segment
-            slots = segment.tasks(self.rank, self.consumed)
-            loader = DataLoader(
-                _SegmentBatches(self._reader, slots),
-                batch_size=None,
-                num_workers=self.cfg.num_workers,
-                pin_memory=torch.cuda.is_available(),
-                prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
-                persistent_workers=False,
-                worker_init_fn=_leave_stop_signals_to_the_rank,
-            )
-            for item in loader:
-                if self.segment is not segment:
-                    break  # load_state_dict() moved the stream while the loader was running
+            moves = self.moves
+            yield from self._from_one_loader()
+            if self.moves == moves:
+                raise RuntimeError(f"data loader stopped at batch {self.consumed} of {self.segment.steps}")
+
+    def _from_one_loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches from one loader until it ends or ``load_state_dict()`` moves the stream."""
+        moves, serial = self.moves, 0
+        loader = DataLoader(
+            _Succession(self._reader, self.rank, self.segment, self.consumed, self.rules),
+            batch_size=None,
+            num_workers=self.cfg.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
+            worker_init_fn=_leave_stop_signals_to_the_rank,
+        )
+        items = iter(loader)
+        try:
+            for item in items:
                 if "error" in item:
                     raise DataError(item["error"])
-                if item["index"] != self.consumed:
+                if (item["segment"], item["index"]) != (serial, self.consumed):
                     raise RuntimeError(
-                        f"data stream out of order: got batch {item['index']}, wanted {self.consumed}"
+                        f"data stream out of order: got batch {item['index']} of segment {item['segment']}, "
+                        f"wanted {self.consumed} of {serial}"
                     )
                 images = item["images"]
                 if self._gpu_jpeg is not None:
@@ -626,14 +665,14 @@ class ShardStream:
                 self.skipped.update(item["skipped"])
                 self.s3_retries += item["s3_retries"]
                 self.s3_read_bytes += item["s3_read_bytes"]
-                if self.consumed == segment.steps:
-                    self._next_segment()  # now, so that state_dict() at a segment's end points past it
+                if self.consumed == self.segment.steps:  # now: state_dict() at a segment's end points past it
+                    self._set_segment(self.rules.following(self.segment))
+                    serial += 1
                 yield images, item["labels"]
-                if self.segment is not segment:
-                    break
-            else:
-                if self.segment is segment:
-                    raise RuntimeError(f"data loader stopped at batch {self.consumed} of {segment.steps}")
+                if self.moves != moves:
+                    return  # load_state_dict() moved the stream while the loader was running
+        finally:
+            del items  # its workers stop now, not when the garbage collector finds it
 
     def _decode_jpeg_on_gpu(self, images: torch.Tensor, jpeg: list[tuple[int, bytes]]) -> torch.Tensor:
         """The batch on the GPU; a slot whose JPEG would not decode gets a copy of a valid sample."""
@@ -709,12 +748,15 @@ class ShardStream:
             )
             self.seed, self.block_shards = seed, block_shards
             self._reader = self._make_reader()
-        self.epoch = epoch
+        self.moves += 1
         if shape == (self.world_size, self.batch_sizes, max(1, self.cfg.num_workers)) and consumed < steps:
-            self.segment = Segment(segment, *shape, steps)  # the same plan: continue exactly where it stopped
-            self.consumed = consumed
+            self._set_segment(
+                Segment(segment, *shape, steps), consumed
+            )  # the same plan: exactly where it stopped
         else:
-            self._start_segment(remaining)  # another shape: re-split what is left of the epoch
+            self._set_segment(self.rules.plan(remaining))  # another shape: re-split what is left of the epoch
+        if not self.segment.intervals:
+            self.epoch = epoch
 
 
 def _leave_stop_signals_to_the_rank(_worker_id: int) -> None:

@@ -195,7 +195,7 @@ def remaining_positions(state: dict) -> int:
 
 
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
-def test_world_size_changes_2_1_2_on_s3(backend, digits, tmp_path, moto_server, s3_bucket):
+def test_world_size_changes_2_1_2_on_s3(backend, digits, tmp_path, moto_server, s3_bucket, fault_proxy):
     url = f"s3://{s3_bucket}/runs/{backend}/checkpoints"
     common = [
         f"data.url={digits}",
@@ -204,13 +204,17 @@ def test_world_size_changes_2_1_2_on_s3(backend, digits, tmp_path, moto_server, 
         f"trainer.backend={backend}",
     ]
     common.append("checkpoint.interval_steps=2")
-    env = moto_server.env
+    env = {**moto_server.env, "AWS_ENDPOINT_URL": fault_proxy.endpoint}  # a proxy that sees every request
     assert_ok(torchrun_train(*common, "trainer.max_steps=2", env=env))
     stderr = assert_ok(train(*common, "trainer.max_steps=4", env=env))
     assert f"resumed from {url}/step_2 at step 2" in stderr
+    fault_proxy.reset()
     stderr = assert_ok(torchrun_train(*common, "trainer.max_steps=6", "trainer.lr_g=5e-5", env=env))
     assert f"resumed from {url}/step_4 at step 4" in stderr
     assert "resumed with trainer.lr_g=5e-05 (checkpoint: 0.0001)" in stderr
+    # Two ranks on one node: the checkpoint is read from the store once, and handed to the other rank.
+    reads = [h for h in fault_proxy.requests if h.startswith(b"GET ") and b"step_4/state.pt" in h]
+    assert len(reads) == 1, reads
 
     ckpt = Checkpointer(url)
     assert ckpt.committed_steps() == [2, 4, 6]

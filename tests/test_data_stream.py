@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -200,6 +201,27 @@ def test_workers_do_not_change_what_an_epoch_holds(local_dataset):
         return set(flat(take_batches(stream, stream.batches_remaining())))
 
     assert epoch(0) == epoch(3)
+
+
+@pytest.mark.parametrize("remainder", ["drop", "wrap"])
+def test_one_set_of_workers_serves_every_epoch_in_order(local_dataset, remainder):
+    """37 or 37.5 batches an epoch: the second epoch starts on the other worker, the third on the first.
+    One iterator gives the batches that a new loader for each epoch gives (a fresh iterator starts a
+    loader where the stream is), and starts no worker process after its first two."""
+    cfg = DataConfig(url=local_dataset, prepare_source="", num_workers=2, remainder=remainder)
+    (fresh,) = make_streams(cfg, 1)
+    expected = []
+    while len(expected) < 3 * NUM_SAMPLES // BATCH:
+        expected += take_batches(fresh, fresh.batches_remaining())  # a new loader per segment
+    (stream,) = make_streams(cfg, 1)
+    me, workers, got = psutil.Process(), set(), []
+    known_children = {child.pid for child in me.children()}
+    for images, _ in itertools.islice(iter(stream), len(expected)):
+        got.append(ids_of(images))
+        workers |= {child.pid for child in me.children() if child.pid not in known_children}
+    assert got == expected
+    assert stream.state_dict() == fresh.state_dict() and stream.epoch >= 2
+    assert len(workers) == 2, f"worker processes seen over {stream.epoch} epochs: {sorted(workers)}"
 
 
 def test_resolution_other_than_the_dataset_is_resized_or_rejected(local_dataset):

@@ -195,6 +195,12 @@ def _setting(config: dict[str, Any], key: str) -> Any:
 
 def read_checkpoint(store: Store, folder: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, manifest) of the checkpoint ``folder`` of ``store``, verified against its manifest."""
+    payload, manifest = read_verified(store, folder)
+    return decode_state(payload, store.url_of(folder)), manifest
+
+
+def read_verified(store: Store, folder: str) -> tuple[bytes, dict[str, Any]]:
+    """(bytes of state.pt, manifest) of the checkpoint ``folder``, the bytes checked against the manifest."""
     url = store.url_of(folder)
     try:
         manifest = json.loads(store.read_bytes(f"{folder}/{MANIFEST_FILE}"))
@@ -218,6 +224,11 @@ def read_checkpoint(store: Store, folder: str) -> tuple[dict[str, Any], dict[str
         or hashlib.sha256(payload).hexdigest() != entry["sha256"]
     ):
         raise CheckpointUnusable(f"{url}/{STATE_FILE} does not match the sha256 in its manifest (corrupt)")
+    return payload, manifest
+
+
+def decode_state(payload: bytes | memoryview, url: str) -> dict[str, Any]:
+    """The state dict in verified state.pt bytes, loaded without unpickling code."""
     try:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -230,7 +241,7 @@ def read_checkpoint(store: Store, folder: str) -> tuple[dict[str, Any], dict[str
         raise CheckpointUnusable(f"{url}/{STATE_FILE} cannot be read: {_first_line(err)}") from None
     if not isinstance(state, dict):
         raise CheckpointUnusable(f"{url}/{STATE_FILE} holds a {type(state).__name__}, not a state dict")
-    return state, manifest
+    return state
 
 
 def load_folder(url: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -262,16 +273,18 @@ def load_for_resume(
     ``resume`` is false, in which case only the checkpoint URL is checked).
 
     Rank 0 alone checks the URL, reads ``LATEST`` and chooses (falling back past unusable checkpoints),
-    then tells the others which step to load, so all ranks resume from one committed checkpoint. A
-    collective when ``world_size > 1``; rank 0's error is raised on every rank instead of leaving the
-    others waiting. ``at_most``: the newest checkpoint of that step or before.
+    then tells the others which step to load, so all ranks resume from one committed checkpoint. The
+    checkpoint is read from storage once per node: by the node's lowest rank (rank 0 on its own node),
+    which hands the verified bytes to the node's other ranks. A collective when ``world_size > 1``; an
+    error on any rank is raised on every rank instead of leaving the others waiting. ``at_most``: the
+    newest checkpoint of that step or before.
     """
     found = None
     choice: int | str | None = None
     if rank == 0:
         try:
             checkpointer.check()
-            found = checkpointer.load_latest(at_most) if resume else None
+            found = checkpointer.load_latest(at_most, with_payload=True) if resume else None
             choice = found[0] if found else None
         except CheckpointError as err:
             choice = str(err)
@@ -283,15 +296,55 @@ def load_for_resume(
         raise CheckpointError(choice)
     if choice is None:
         return None
+    if world_size == 1:
+        assert found is not None
+        return found[:3]
+    return _load_once_per_node(checkpointer, choice, found, rank)
+
+
+def _load_once_per_node(checkpointer: Checkpointer, step: int, found: tuple | None, rank: int) -> tuple:
+    from trainer.distributed import node_group
+
+    group, ranks = node_group()
+    leader, where = ranks[0], checkpointer.store.url_of(f"step_{step}")
+    payload, state, manifest, error = None, None, None, None
     if found is not None:
-        return found
-    try:
-        return (choice, *checkpointer.load(choice))
-    except CheckpointError as err:
-        raise CheckpointError(
-            f"rank {rank} cannot read the checkpoint rank 0 resumes from ({err}); checkpoint.url must be "
-            "storage every node reads: s3:// or a shared filesystem"
-        ) from None
+        _, state, manifest, payload = found
+    elif rank == leader:
+        try:
+            payload, manifest = read_verified(checkpointer.store, f"step_{step}")
+        except CheckpointError as err:
+            error = (
+                f"rank {rank} cannot read the checkpoint rank 0 resumes from ({err}); checkpoint.url must "
+                "be storage every node reads: s3:// or a shared filesystem"
+            )
+    if len(ranks) > 1:
+        header = [(len(payload), manifest) if payload is not None else error]
+        dist.broadcast_object_list(header, src=leader, group=group)
+        if isinstance(header[0], tuple):
+            size, manifest = header[0]
+            buffer = (
+                torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+                if rank == leader
+                else torch.empty(size, dtype=torch.uint8)
+            )
+            dist.broadcast(buffer, src=leader, group=group)
+            if rank != leader:
+                payload = buffer.numpy().tobytes()
+                del buffer
+        else:
+            error = header[0]
+    if state is None and error is None:
+        try:
+            state = decode_state(payload, where)
+        except CheckpointError as err:
+            error = f"rank {rank}: {err}"
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise CheckpointError(first)
+    return step, state, manifest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -561,10 +614,10 @@ class Checkpointer:
         """(state, manifest) of ``step_<step>``, verified; CheckpointError when it is unusable."""
         return read_checkpoint(self.store, f"step_{step}")
 
-    def load_latest(self, at_most: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    def load_latest(self, at_most: int | None = None, *, with_payload: bool = False) -> tuple | None:
         """(step, state, manifest) of ``LATEST``, or of the newest good checkpoint before it when that one
         is missing or corrupt (said in a warning). None when there is no checkpoint at all. ``at_most``:
-        only checkpoints of that step or before count."""
+        only checkpoints of that step or before count. ``with_payload``: the bytes of state.pt too, last."""
         latest, committed = self.pointer(), self.committed_steps()
         older = [s for s in reversed(committed) if latest is None or s < latest]
         candidates = ([latest] if latest is not None else []) + older
@@ -573,7 +626,8 @@ class Checkpointer:
         problems = []
         for step in candidates:
             try:
-                state, manifest = self.load(step)
+                payload, manifest = read_verified(self.store, f"step_{step}")
+                state = decode_state(payload, self.store.url_of(f"step_{step}"))
             except CheckpointUnusable as err:
                 log.warning("checkpoint step_%d is unusable: %s", step, err)
                 problems.append(str(err))
@@ -582,7 +636,7 @@ class Checkpointer:
                 log.warning(
                     "falling back to checkpoint step_%d: the newer step_%d is unusable", step, candidates[0]
                 )
-            return step, state, manifest
+            return (step, state, manifest, payload) if with_payload else (step, state, manifest)
         if problems:
             raise CheckpointError(
                 f"no usable checkpoint at {self.url} (newest: {problems[0]}): repair or remove them, or "

@@ -217,6 +217,37 @@ def ensure_process_group(runtime: Runtime) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+_NODE_GROUP: tuple[dist.ProcessGroup, list[int]] | None = None
+
+
+NODE_VARIABLES = ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID")  # torchrun, DeepSpeed's launcher, SLURM
+
+
+def node_key() -> str:
+    """What tells this node from the job's others: the launcher's node rank where it sets one (two
+    torchrun agents on one machine are two nodes), the host name and the network namespace (two
+    "hosts" in namespaces of one machine are two nodes too)."""
+    try:
+        namespace = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        namespace = 0
+    launcher = next((f"{name}={os.environ[name]}" for name in NODE_VARIABLES if name in os.environ), "")
+    return f"{socket.gethostname()}/{namespace}/{launcher}"
+
+
+def node_group() -> tuple[dist.ProcessGroup, list[int]]:
+    """A gloo group of this job's ranks on this machine, and their ranks (lowest first). A collective
+    the first time (every rank must call it); the same group after."""
+    global _NODE_GROUP
+    if _NODE_GROUP is None:
+        keys: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(keys, node_key())
+        nodes = [[r for r, k in enumerate(keys) if k == key] for key in dict.fromkeys(keys)]
+        group, _ = dist.new_subgroups_by_enumeration(nodes, backend="gloo")
+        _NODE_GROUP = group, next(n for n in nodes if dist.get_rank() in n)
+    return _NODE_GROUP
+
+
 def _share_cores(local_world_size: int) -> None:
     """Split this machine's cores between its ranks unless the user chose (OMP_NUM_THREADS)."""
     if local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
