@@ -128,7 +128,7 @@ def test_a_resumed_run_applies_new_learning_rates_and_betas_and_refuses_a_new_se
             "trainer.lr_g=2e-5",
         )
     )
-    assert "resumed with trainer.lr_d=0.0001 (checkpoint: 0.0004)" in stderr
+    assert "resumed with trainer.lr_d=0.0001 (checkpoint: 0.0008)" in stderr
     assert "resumed with trainer.betas_d=[0.5, 0.99] (checkpoint: [0.0, 0.9])" in stderr
     state, manifest = load_folder(tmp_path / "checkpoints" / "step_2")
     groups = {net: state["backend"][net]["param_groups"][0] for net in ("opt_d", "opt_g")}
@@ -211,7 +211,7 @@ def test_world_size_changes_2_1_2_on_s3(backend, digits, tmp_path, moto_server, 
     fault_proxy.reset()
     stderr = assert_ok(torchrun_train(*common, "trainer.max_steps=6", "trainer.lr_g=5e-5", env=env))
     assert f"resumed from {url}/step_4 at step 4" in stderr
-    assert "resumed with trainer.lr_g=5e-05 (checkpoint: 0.0001)" in stderr
+    assert "resumed with trainer.lr_g=5e-05 (checkpoint: 0.0002)" in stderr
     # Two ranks on one node: the checkpoint is read from the store once, and handed to the other rank.
     reads = [h for h in fault_proxy.requests if h.startswith(b"GET ") and b"step_4/state.pt" in h]
     assert len(reads) == 1, reads
@@ -222,7 +222,7 @@ def test_world_size_changes_2_1_2_on_s3(backend, digits, tmp_path, moto_server, 
     assert [states[s][1]["world_size"] for s in (2, 4, 6)] == [2, 1, 2]
     assert [len(states[s][0]["rng"]) for s in (2, 4, 6)] == [2, 1, 2]  # one RNG state per rank
     # The last leg's learning rate took effect in the optimizer (not the one its checkpoint carried).
-    assert [states[s][0]["backend"]["opt_g"]["param_groups"][0]["lr"] for s in (4, 6)] == [1e-4, 5e-5]
+    assert [states[s][0]["backend"]["opt_g"]["param_groups"][0]["lr"] for s in (4, 6)] == [2e-4, 5e-5]
     num_samples = json.loads(states[2][0]["data"])["num_samples"]
     for step, (state, _) in states.items():
         # The data position carried over each change of world size: 8 images per step, none twice.
