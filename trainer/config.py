@@ -27,9 +27,8 @@ class TrainerConfig:
     max_steps: int = 2000  # generator updates
     global_batch_size: int = 32  # real images per D step, summed over ranks
     n_dis: int = 1  # D updates per G update
-    lr_g: float = (
-        2e-4  # the default run's (docs/quality.md); the paper's 1e-4 / 4e-4 in sagan_imagenet128.yaml
-    )
+    # The default run's learning rates (docs/quality.md); the paper's 1e-4 / 4e-4 are in sagan_imagenet128.yaml.
+    lr_g: float = 2e-4
     lr_d: float = 8e-4
     betas_g: list[float] = field(default_factory=lambda: [0.0, 0.9])
     betas_d: list[float] = field(default_factory=lambda: [0.0, 0.9])
