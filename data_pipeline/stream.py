@@ -750,9 +750,8 @@ class ShardStream:
             self._reader = self._make_reader()
         self.moves += 1
         if shape == (self.world_size, self.batch_sizes, max(1, self.cfg.num_workers)) and consumed < steps:
-            self._set_segment(
-                Segment(segment, *shape, steps), consumed
-            )  # the same plan: exactly where it stopped
+            # the same plan: continue exactly where it stopped
+            self._set_segment(Segment(segment, *shape, steps), consumed)
         else:
             self._set_segment(self.rules.plan(remaining))  # another shape: re-split what is left of the epoch
         if not self.segment.intervals:

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from data_pipeline.errors import DataError, ObjectNotFound
 from data_pipeline.storage import LocalStore, Store, open_store, redact, split_url
+from trainer.distributed import node_group
 
 if TYPE_CHECKING:
     from trainer.metrics import Metrics
@@ -284,7 +285,7 @@ def load_for_resume(
     if rank == 0:
         try:
             checkpointer.check()
-            found = checkpointer.load_latest(at_most, with_payload=True) if resume else None
+            found = checkpointer.load_latest(at_most, with_payload=world_size > 1) if resume else None
             choice = found[0] if found else None
         except CheckpointError as err:
             choice = str(err)
@@ -297,14 +298,11 @@ def load_for_resume(
     if choice is None:
         return None
     if world_size == 1:
-        assert found is not None
-        return found[:3]
+        return found
     return _load_once_per_node(checkpointer, choice, found, rank)
 
 
 def _load_once_per_node(checkpointer: Checkpointer, step: int, found: tuple | None, rank: int) -> tuple:
-    from trainer.distributed import node_group
-
     group, ranks = node_group()
     leader, where = ranks[0], checkpointer.store.url_of(f"step_{step}")
     payload, state, manifest, error = None, None, None, None

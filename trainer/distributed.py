@@ -217,10 +217,8 @@ def ensure_process_group(runtime: Runtime) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-_NODE_GROUP: tuple[dist.ProcessGroup, list[int]] | None = None
-
-
 NODE_VARIABLES = ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID")  # torchrun, DeepSpeed's launcher, SLURM
+_NODE_GROUP: tuple[dist.ProcessGroup, list[int]] | None = None  # node_group(), made once per process
 
 
 def node_key() -> str:
