@@ -17,6 +17,7 @@ import signal
 import time
 
 import pytest
+import torch
 from conftest import _missing_tool
 from faults import kill_rank, workers_of
 from jobs import (
@@ -205,3 +206,33 @@ def test_two_hosts_in_namespaces_train_together_and_survive_a_cut_link(two_hosts
         f"{time.monotonic() - cut_at:.0f}s after the cut; host 1's worker ended, its agent "
         f"{'exited ' + str(agents[1].returncode) if agents[1].poll() is not None else 'still waits for its store'}"
     )
+
+
+def test_ranks_failing_together_each_say_the_first_failure_and_rank_0_need_not_wait(tmp_path):
+    """Rank 0 and rank 1 fail at the same collective (the resume error above): both publish. Rank 1,
+    finding rank 0's notice, acknowledges it, so rank 0 (whose process may host the store) has nothing to
+    wait for once it has said its error; and rank 0 waits only in stop(), after run_on_ranks has printed.
+    The CI failure this guards: rank 0 waited for readers before printing, its peer's agent left, and its
+    own agent killed it silently."""
+    import torch.distributed as dist
+
+    from trainer.coordination import FailureNotice
+    from trainer.distributed import Runtime
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", port, 2, is_master=False)
+    notices = []
+    for rank, store in enumerate((server, client)):
+        notice = FailureNotice(Runtime(rank, rank, 1, torch.device("cpu"), "torchrun"))  # alone: no watchdog
+        notice.runtime = Runtime(rank, rank, 2, torch.device("cpu"), "torchrun")
+        notice.store, notice.key = store, "sagan/failure/test/0"
+        notices.append(notice)
+    cause = "rank 1 cannot read the checkpoint rank 0 resumes from (no state.pt)"
+    assert notices[0].publish(cause, 2) == (f"rank 0: {cause}", 2)
+    assert notices[1].publish(cause, 2) == (f"rank 0: {cause}", 2)
+    assert server.add("sagan/failure/test/0/read", 0) == 1  # rank 1 has read it
+    assert notices[0]._hosting_notice and not notices[1]._hosting_notice
+    notices[1].stop()
+    notices[0].stop()
+    assert not notices[0]._hosting_notice

@@ -107,6 +107,7 @@ class FailureNotice:
         self.store = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._hosting_notice = False
         if runtime.distributed and dist.is_initialized():
             from torch.distributed.distributed_c10d import _get_default_store
 
@@ -132,7 +133,10 @@ class FailureNotice:
             with contextlib.suppress(
                 dist.DistError, RuntimeError, ValueError
             ):  # the store is gone with its host
-                answer.append(json.loads(self.store.compare_set(self.key, "", notice)))
+                first = json.loads(self.store.compare_set(self.key, "", notice))
+                answer.append(first)
+                if first["rank"] != rank:  # another rank's failure, read: it need not wait for this one
+                    self.store.add(f"{self.key}/read", 1)
 
         writer = threading.Thread(target=exchange, name="failure-publish", daemon=True)
         writer.start()
@@ -140,8 +144,7 @@ class FailureNotice:
         if not answer:
             return mine, exit_code
         first = answer[0]
-        if first["rank"] == rank == 0:
-            self._await_readers()
+        self._hosting_notice = first["rank"] == rank == 0  # stop() keeps the store up for the readers
         return first["message"], int(first["code"])
 
     def _await_readers(self) -> None:
@@ -156,10 +159,15 @@ class FailureNotice:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """Stop watching (before the job's final barrier, after which rank 0's store may go away)."""
+        """Stop watching (before the job's final barrier, after which rank 0's store may go away). On a
+        rank 0 whose failure was the job's first, wait (bounded) until the other ranks have read it:
+        after this rank has said its own error, as a launcher may end it any moment once a peer has left."""
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(POLL_SECONDS + 1)
+        if self._hosting_notice:
+            self._hosting_notice = False
+            self._await_readers()
 
     def _watch(self) -> None:
         while not self._stopping.wait(POLL_SECONDS):
