@@ -57,6 +57,7 @@ def measure(trainer: Trainer, url: str, asynchronous: bool, saves: int, steps: i
     trainer.checkpointer = Checkpointer(url, 2, metrics=trainer.metrics, asynchronous=asynchronous)
     stalls, writes, cpu, unfinished = [], [], [], 0
     for _ in range(saves):
+        gan_step(trainer, real, labels)  # a save follows a training step, as in the loop
         started = time.perf_counter()
         trainer.save_checkpoint()
         stalls.append(time.perf_counter() - started)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from models.ema import EMA, batch_norm_layers, ema_decay
+from models.ema import EMA, batch_norm_inputs, batch_norm_layers, ema_decay
 
 # name -> ema_decay keyword arguments (decay, start_step, rampup)
 SCHEDULES = {
@@ -96,7 +96,7 @@ def train(args: argparse.Namespace) -> None:
             )
             (run_dir / "ema").mkdir(parents=True, exist_ok=True)
             for name, ema in self.ema.bank.items():
-                ema.recompute_batch_norm(trainer_module.batch_norm_inputs(**inputs))
+                ema.recompute_batch_norm(batch_norm_inputs(**inputs))
                 torch.save(ema.state_dict(), run_dir / "ema" / f"{name}-step_{self.step}.pt")
 
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     from launch.outcome import run_on_ranks
+    from models.ema import load_ema_generator
     from models.sagan import build_models
     from trainer.checkpoint import load_folder, resolve
     from trainer.config import from_dict
@@ -79,10 +80,13 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     eval_cfg = _eval_config(cfg.eval, args)
     num_classes = manifest["num_classes"]
     generators = {}
-    for key, label, weights in (("ema", "G-EMA", state["G_ema"]), ("g", "G", state["backend"]["G"])):
+    for key, label in (("ema", "G-EMA"), ("g", "G")):
         if args.generator in (key, "both"):
             G, _ = build_models(cfg.model, num_classes)
-            G.load_state_dict(weights)
+            if key == "ema":
+                load_ema_generator(G, state, num_classes)  # batch-norm statistics of the checkpoint's step
+            else:
+                G.load_state_dict(state["backend"]["G"])
             generators[label] = G
     runtime = init_runtime("auto")
     # The checkpoint's run folder, where the trainer writes its own evaluations: the checkpoints' parent

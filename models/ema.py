@@ -14,7 +14,7 @@ Two things make an averaged generator draw what the live one learnt:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -70,6 +70,33 @@ def recompute_batch_norm(model: nn.Module, batches: Iterable[Sequence[torch.Tens
     if layers and not count:
         raise ValueError("recompute_batch_norm got no batches: the running statistics would stay reset")
     return count
+
+
+def batch_norm_inputs(
+    seed: int, num_batches: int, batch_size: int, z_dim: int, num_classes: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The z and labels G-EMA's batch-norm statistics are measured on: the same every time, on every rank,
+    from a generator of their own (the training RNG is not touched)."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(num_batches):
+        z = torch.randn(batch_size, z_dim, generator=generator)
+        y = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        yield z.to(device), y.to(device)
+
+
+def load_ema_generator(G: nn.Module, state: dict[str, Any], num_classes: int) -> nn.Module:
+    """Load a checkpoint's G-EMA into ``G`` (built and placed by the caller), with batch-norm statistics
+    of the checkpoint's own step: saved when the trainer measured them at that step (for a grid or an
+    evaluation), else measured here by the trainer's recipe (``state["G_ema_statistics"]``). Checkpoints
+    without a recipe were saved with measured statistics."""
+    G.load_state_dict(state["G_ema"])
+    recipe = dict(state.get("G_ema_statistics") or {"step": state["step"]})
+    if recipe.pop("step") != state["step"]:
+        device = next(G.parameters()).device
+        recompute_batch_norm(
+            G, batch_norm_inputs(**recipe, z_dim=G.z_dim, num_classes=num_classes, device=device)
+        )
+    return G
 
 
 class EMA:

@@ -15,10 +15,18 @@ from torch import nn
 
 from data_pipeline.prepare import prepare
 from launch.cli import main
-from models.ema import EMA, batch_norm_layers, ema_decay, recompute_batch_norm
+from models.ema import (
+    EMA,
+    batch_norm_inputs,
+    batch_norm_layers,
+    ema_decay,
+    load_ema_generator,
+    recompute_batch_norm,
+)
 from models.sagan import Generator, attention_gammas, build_models
 from trainer.checkpoint import load_folder
 from trainer.config import from_dict
+from trainer.samples import draw, encode_panels, fixed_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -265,3 +273,51 @@ def test_a_trained_g_ema_in_eval_mode_matches_its_batch_statistics_and_its_grid_
     label_height = both.shape[0] - ema_only.shape[0]
     assert np.array_equal(both[label_height:, : ema_only.shape[1]], ema_only)  # G-EMA is the left panel
     assert both.shape[1] > 2 * ema_only.shape[1]
+
+
+@pytest.mark.slow
+def test_a_save_does_not_wait_for_g_ema_statistics_and_readers_measure_them_the_trainers_way(
+    digits, tmp_path, capsys
+) -> None:
+    """Checkpoints at steps 2, 4, 6, a grid at step 6 only: the saves of steps 2 and 4 hold G-EMA's
+    statistics as last measured (not of their step; measuring them would stall the loop about a training
+    step), and readers measure them by the saved recipe; step 6's are the grid's, used as saved."""
+    run = tmp_path / "run"
+    args = ["train", "--config", str(REPO / "configs" / "smoke.yaml"), f"data.url={digits}", f"run.dir={run}",
+            "trainer.max_steps=6", "trainer.sample_interval=6", "checkpoint.interval_steps=2",
+            "trainer.ema_rampup=0", "trainer.ema_decay=0.9"]  # fmt: skip
+    assert main(args) == 0
+    for step, measured in ((2, False), (4, False), (6, True)):
+        state, manifest = load_folder(run / "checkpoints" / f"step_{step}")
+        cfg = from_dict(manifest["config"])
+        recipe = state["G_ema_statistics"]
+        assert (recipe["step"] == step) is measured, recipe
+        G, _ = build_models(cfg.model, NUM_CLASSES)
+        load_ema_generator(G, state, NUM_CLASSES)
+        by_hand, _ = build_models(cfg.model, NUM_CLASSES)
+        by_hand.load_state_dict(state["G_ema"])
+        if not measured:
+            recompute_batch_norm(by_hand, batch_norm_inputs(recipe["seed"], recipe["num_batches"],
+                                 recipe["batch_size"], cfg.model.z_dim, NUM_CLASSES, torch.device("cpu")))  # fmt: skip
+        loaded, expected = dict(G.named_buffers()), dict(by_hand.named_buffers())
+        running = [name for name in loaded if name.endswith("running_mean")]
+        assert running
+        for name in running:
+            torch.testing.assert_close(loaded[name], expected[name], rtol=1e-5, atol=1e-6)
+            saved = state["G_ema"][name]
+            assert torch.equal(loaded[name], saved) is measured, name  # measured here iff not saved
+    # sagan sample of step 4 draws that G-EMA; of step 6, the run's grid pixel for pixel.
+    out = tmp_path / "grid-6.png"
+    assert main(["sample", "--checkpoint", str(run / "checkpoints" / "step_6"), "--out", str(out)]) == 0
+    trained = Image.open(run / "samples" / f"step_{6:07d}.png")
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(trained))
+    state, manifest = load_folder(run / "checkpoints" / "step_4")
+    cfg = from_dict(manifest["config"])
+    G, _ = build_models(cfg.model, NUM_CLASSES)
+    load_ema_generator(G.to(memory_format=torch.channels_last), state, NUM_CLASSES)
+    z, y = fixed_inputs(cfg.model.z_dim, list(range(NUM_CLASSES)), cfg.trainer.sample_columns, cfg.trainer.seed,
+                        torch.device("cpu"))  # fmt: skip
+    drawn = encode_panels({"G-EMA": draw(G, z, y)}, cfg.trainer.sample_columns)
+    out = tmp_path / "ema-4.png"
+    assert main(["sample", "--checkpoint", str(run / "checkpoints" / "step_4"), "--out", str(out), "--generator", "ema"]) == 0  # fmt: skip
+    assert out.read_bytes() == drawn

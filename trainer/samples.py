@@ -130,8 +130,10 @@ def sample_grid(
     """Draw a checkpoint's G-EMA (``ema``), G (``g``) or both side by side (``both``): one row per class.
 
     By default with the trainer's noise, so the grid of a checkpoint of step N is its run's
-    ``samples/step_N.png``. G-EMA's batch-norm statistics are those the trainer measured and saved.
+    ``samples/step_N.png``. G-EMA's batch-norm statistics are those of the checkpoint's step, as the
+    trainer measures them (``models.ema.load_ema_generator``).
     """
+    from models.ema import load_ema_generator
     from models.sagan import build_models
     from trainer.checkpoint import load_folder, resolve
     from trainer.config import from_dict
@@ -145,13 +147,16 @@ def sample_grid(
     z, y = fixed_inputs(
         cfg.model.z_dim, rows, columns, cfg.trainer.seed if seed is None else seed, torch.device("cpu")
     )
-    weights = {"ema": state["G_ema"], "g": state["backend"]["G"]}
     # The layout the trainer drew its grids in: another one rounds differently, a pixel here and there.
     channels_last = cfg.trainer.channels_last and cfg.trainer.backend == "ddp"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     panels = {}
     for key in GENERATORS if generator == "both" else (generator,):
         G, _ = build_models(cfg.model, manifest["num_classes"])
-        G.to(memory_format=memory_format).load_state_dict(weights[key])
+        G.to(memory_format=memory_format)
+        if key == "ema":
+            load_ema_generator(G, state, manifest["num_classes"])
+        else:
+            G.load_state_dict(state["backend"]["G"])
         panels[GENERATORS[key]] = draw(G, z, y)
     return write_atomically(encode_panels(panels, columns), out)

@@ -16,7 +16,7 @@ from data_pipeline.manifest import MANIFEST_NAME, read_manifest
 from data_pipeline.prepare import parse_size, prepare
 from data_pipeline.storage import open_store
 from data_pipeline.stream import ShardStream, split_batch
-from models.ema import EMA, ema_decay
+from models.ema import EMA, batch_norm_inputs, ema_decay
 from models.sagan import attention_gammas, build_models
 from trainer import samples
 from trainer.checkpoint import (
@@ -87,16 +87,6 @@ def noise(
     z = torch.randn(global_batch, z_dim, generator=generator)
     y = torch.randint(0, num_classes, (global_batch,), generator=generator)
     return z[rank_slice], y[rank_slice]
-
-
-def batch_norm_inputs(seed: int, num_batches: int, batch_size: int, z_dim: int, num_classes: int, device):
-    """The z and labels G-EMA's batch-norm statistics are measured on: the same every time, on every rank,
-    from a generator of their own (the training RNG is not touched)."""
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(num_batches):
-        z = torch.randn(batch_size, z_dim, generator=generator)
-        y = torch.randint(0, num_classes, (batch_size,), generator=generator)
-        yield z.to(device), y.to(device)
 
 
 class Trainer:
@@ -180,6 +170,9 @@ class Trainer:
             "step": self.step,
             "backend": self.backend.state_dict(),
             "G_ema": self.ema.state_dict(),
+            # Its batch-norm statistics are this step's only if measured at this step (for a grid or an
+            # evaluation); otherwise a reader measures them (models.ema.load_ema_generator), not the loop.
+            "G_ema_statistics": {**self.ema_statistics_recipe(), "step": self.ema_statistics_step},
             "data": json.dumps(self.stream.state_dict()),  # the same on every rank
             "rng": gather_rng_states(),  # rank order, on rank 0
         }
@@ -194,31 +187,36 @@ class Trainer:
     def ready_ema(self) -> torch.nn.Module:
         """G-EMA with batch-norm statistics measured on its own weights at this step (every rank calls this).
 
-        Sample grids, evaluation and checkpoints all use it, so ``sagan sample`` and ``sagan eval`` of a
-        checkpoint see the trainer's G-EMA. Training never reads G-EMA's statistics: measuring them
+        Sample grids and evaluation use it. A checkpoint saves G-EMA with the recipe of these statistics
+        and the step they were measured at; ``sagan sample`` and ``sagan eval`` of a checkpoint of another
+        step measure them the same way (``models.ema.load_ema_generator``), so they see the trainer's
+        G-EMA while a save never waits for it. Training never reads G-EMA's statistics: measuring them
         changes neither the run nor its RNG.
         """
         if self.ema_statistics_step != self.step:
-            t = self.cfg.trainer
-            self.ema.recompute_batch_norm(
-                batch_norm_inputs(
-                    t.seed,
-                    t.ema_bn_batches,
-                    t.bn_group_size or self.batch_size,  # the batch G's statistics were taken over
-                    self.cfg.model.z_dim,
-                    self.num_classes,
-                    self.runtime.device,
-                )
+            recipe = self.ema_statistics_recipe()
+            inputs = batch_norm_inputs(
+                **recipe, z_dim=self.cfg.model.z_dim, num_classes=self.num_classes, device=self.runtime.device
             )
+            self.ema.recompute_batch_norm(inputs)
             self.ema_statistics_step = self.step
         return self.ema.module
+
+    def ema_statistics_recipe(self) -> dict[str, int]:
+        """What G-EMA's batch-norm statistics are measured on (``models.ema.batch_norm_inputs``)."""
+        t = self.cfg.trainer
+        # The batch G's statistics were taken over (rank 0's, in a checkpoint).
+        return {
+            "seed": t.seed,
+            "num_batches": t.ema_bn_batches,
+            "batch_size": t.bn_group_size or self.batch_size,
+        }
 
     def save_checkpoint(self, fid: float | None = None) -> None:
         """Stalls every rank only for the snapshot; rank 0 writes it in the background (after the previous
         save, which every rank waits for in short collectives, never one as long as the upload)."""
         self.control.wait_for_rank0(self.checkpointer.idle)
         started = time.perf_counter()
-        self.ready_ema()
         state = self.state_dict()
         if self.runtime.is_main:
             meta = {
