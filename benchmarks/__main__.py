@@ -55,7 +55,11 @@ def options_for(name: str, args: argparse.Namespace):
             else checkpoint_bench.Options()
         )
     if name == "data":
-        return stream_bench.Options(source="digits", workers=(0,)) if args.quick else stream_bench.Options()
+        return (
+            stream_bench.Options(source="digits", workers=(0,), jobs=((2, 2),))
+            if args.quick
+            else stream_bench.Options()
+        )
     if args.quick:
         return scaling_bench.Options(procs=(1,), steps=4, warmup=2, backends=("ddp",))
     return scaling_bench.Options()

@@ -27,7 +27,7 @@ from benchmarks.report import Result, Table
 from data_pipeline.manifest import MANIFEST_NAME, read_manifest
 from data_pipeline.prepare import parse_size, prepare
 from data_pipeline.storage import open_store
-from data_pipeline.stream import DataConfig, ShardStream
+from data_pipeline.stream import DataConfig, ShardStream, split_batch
 
 
 def copy_dataset(source: str, target: str) -> None:
@@ -59,6 +59,34 @@ class Options:
     batches: int | None = None  # per row; None: one epoch
     workers: tuple[int, ...] = (0, 2)
     bucket: str | None = None  # an existing bucket (AWS variables set) instead of moto
+    jobs: tuple[tuple[int, int], ...] = ((1, 2), (8, 4))  # (ranks, loader workers) for read amplification
+
+
+def read_amplification(url: str, ranks: int, workers: int) -> dict[str, float]:
+    """Bytes an epoch reads from the store, over all ranks and loader workers of a job with the default
+    config, over the dataset's bytes. Each worker's share of each rank's first epoch is read by the
+    stream's own reader (``_BatchReader``, as in a DataLoader worker: a store of its own), one after the
+    other in this process; the S3 store counts the bytes it receives."""
+    from trainer.config import load_config
+
+    cfg = load_config(None, [f"data.url={url}", f"data.num_workers={workers}"])
+    sizes = split_batch(cfg.trainer.global_batch_size, ranks)
+    read = images = 0
+    for rank in range(ranks):
+        stream = ShardStream(
+            cfg.data, rank=rank, world_size=ranks, batch_size=sizes[rank], seed=cfg.trainer.seed,
+            resolution=cfg.model.resolution, batch_sizes=sizes,
+        )  # fmt: skip
+        for slot in stream.segment.tasks(rank, 0):
+            reader = stream._make_reader()
+            for item in reader.batches(slot):
+                if "error" in item:
+                    raise RuntimeError(item["error"])
+                read += item["s3_read_bytes"]
+                images += len(item["labels"])
+    dataset = sum(shard.num_bytes for shard in stream.manifest.shards)
+    return {"ranks": ranks, "workers": workers, "bytes_read": read, "dataset_bytes": dataset,
+            "images": images, "amplification": read / dataset}  # fmt: skip
 
 
 def run(options: Options, command: str = "python -m benchmarks data") -> Result:
@@ -84,6 +112,7 @@ def run(options: Options, command: str = "python -m benchmarks data") -> Result:
                     count, first, rate = measure(url, workers, options.batch_size, options.batches)
                     rows.append([name, workers, count, f"{first:.2f} s", f"{rate:,.0f}"])
                     print(f"{name} {workers} workers: {rate:.0f} images/s", flush=True)
+            amplification = [read_amplification(remote, ranks, workers) for ranks, workers in options.jobs]
             if options.bucket is not None:
                 store = open_store(remote)
                 store.delete(store.list())
@@ -95,6 +124,24 @@ def run(options: Options, command: str = "python -m benchmarks data") -> Result:
             f"{options.batch_size}, start-up included",
         )
     )
+    result.tables.append(
+        Table(
+            ["ranks × workers", "images read", "bytes read", "dataset bytes", "read amplification"],
+            [
+                [
+                    f"{a['ranks']} × {a['workers']}",
+                    f"{a['images']:,}",
+                    f"{a['bytes_read'] / 2**20:,.0f} MiB",
+                    f"{a['dataset_bytes'] / 2**20:,.0f} MiB",
+                    f"{a['amplification']:.2f}",
+                ]
+                for a in amplification
+            ],
+            "One epoch of a job with the default config (global batch, shuffle blocks) over the same S3 "
+            "copy: bytes every rank's loader workers receive from the store, over the dataset's",
+        )
+    )
+    result.data = {"amplification": amplification}
     result.uptime_after = machine.uptime()
     return result
 
