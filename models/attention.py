@@ -8,7 +8,11 @@ from torch import Tensor, nn
 
 from models.layers import SNLayers
 
-ATTENTION_IMPLS = ("sdpa", "math")
+ATTENTION_IMPLS = ("auto", "sdpa", "math")
+# "auto" on a CPU: the math path up to this many query positions, where it is the faster one
+# (`python -m benchmarks.attention_bench`: at 16x16, 0.70-0.87x for the fused kernel at 64-128 channels;
+# from 32x32 the fused kernel is as fast or faster, 1.0-2.4x, with 1.4-9.5x less memory).
+MATH_MAX_TOKENS_CPU = 256
 
 
 def check_attention_impl(impl: str, key: str = "impl") -> None:
@@ -25,14 +29,17 @@ class SelfAttention2d(nn.Module):
     `impl="math"` materialises the (HW x HW/4) attention matrix; `impl="sdpa"` calls
     scaled_dot_product_attention with query and key zero-padded to the value's width: QKᵀ is
     unchanged, and equal head widths are what lets torch pick its flash kernel instead of
-    silently falling back to the math kernel.
+    silently falling back to the math kernel. `impl="auto"` (the default) chooses by size: the fused
+    kernel on accelerators and on CPU feature maps of more than ``MATH_MAX_TOKENS_CPU`` positions, the
+    math path on smaller CPU maps, where the padding costs more than the fused kernel saves. The choice
+    depends only on the device type and the map's size, so a resumed run makes the same one.
     """
 
     def __init__(
         self,
         channels: int,
         *,
-        impl: str = "sdpa",
+        impl: str = "auto",
         init: str = "orthogonal",
         sn_eps: float = 1e-6,
     ) -> None:
@@ -56,7 +63,7 @@ class SelfAttention2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, _, height, width = x.shape
-        if self.impl == "sdpa":
+        if self.kernel_for(x) == "sdpa":
             query, key, value = self.sdpa_inputs(x)
             attended = F.scaled_dot_product_attention(query, key, value, scale=1.0).squeeze(1)
         else:
@@ -65,6 +72,13 @@ class SelfAttention2d(nn.Module):
             attended = weights @ value
         attended = attended.transpose(1, 2).reshape(batch, self.channels // 2, height, width)
         return x + self.gamma * self.out(attended)
+
+    def kernel_for(self, x: Tensor) -> str:
+        """``sdpa`` or ``math``: what this block runs on ``x``."""
+        if self.impl != "auto":
+            return self.impl
+        small = x.shape[-2] * x.shape[-1] <= MATH_MAX_TOKENS_CPU
+        return "math" if x.device.type == "cpu" and small else "sdpa"
 
     def sdpa_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The (B, 1, N, C/2) query, key and value exactly as handed to scaled_dot_product_attention."""

@@ -161,7 +161,7 @@ class Generator(nn.Module):
         z_dim: int = 128,
         channels: int = 32,
         attention_resolutions: Sequence[int] | None = None,
-        attention_impl: str = "sdpa",
+        attention_impl: str = "auto",
         init: str = "orthogonal",
         sn_eps: float = 1e-6,
         bn_eps: float = 1e-5,
@@ -212,7 +212,7 @@ class Discriminator(nn.Module):
         *,
         channels: int = 32,
         attention_resolutions: Sequence[int] | None = None,
-        attention_impl: str = "sdpa",
+        attention_impl: str = "auto",
         init: str = "orthogonal",
         sn_eps: float = 1e-6,
     ) -> None:
@@ -258,7 +258,7 @@ class ModelConfig:
     g_channels: int = 16  # base width "ch" of G
     d_channels: int = 16  # base width "ch" of D
     attention_resolutions: list[int] | None = None  # feature-map sizes with attention; None = by resolution
-    attention_impl: str = "sdpa"  # sdpa | math
+    attention_impl: str = "auto"  # auto (by size) | sdpa | math
     init: str = "orthogonal"  # orthogonal | xavier | normal
     sn_eps: float = 1e-6
     bn_eps: float = 1e-5

@@ -100,3 +100,20 @@ def test_bad_arguments_raise_naming_the_value(kwargs: dict, named: str) -> None:
     channels = kwargs.pop("channels")
     with pytest.raises(ValueError, match=re.escape(named)):
         SelfAttention2d(channels, **kwargs)
+
+
+@pytest.mark.parametrize(("size", "expected"), [(8, "math"), (16, "math"), (17, "sdpa"), (32, "sdpa")])
+def test_auto_takes_the_math_path_on_small_cpu_maps_and_runs_exactly_that_path(
+    size: int, expected: str
+) -> None:
+    math_block, sdpa_block = twin_blocks(32, 0.8)
+    auto_block = copy.deepcopy(math_block)
+    auto_block.impl = "auto"
+    assert SelfAttention2d(32).impl == "auto"  # the default
+    x = torch.randn(2, 32, size, 16 if size == 17 else size)  # 17×16 = 272 positions: just above the limit
+    assert auto_block.kernel_for(x) == expected
+    chosen = math_block if expected == "math" else sdpa_block
+    with torch.no_grad():
+        assert torch.equal(auto_block(x), chosen(x))
+    meta = torch.empty(2, 32, size, size, device="meta")
+    assert auto_block.kernel_for(meta) == "sdpa"  # not a CPU tensor: the fused kernel at every size

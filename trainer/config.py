@@ -84,7 +84,7 @@ class Config:
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.resolution": (32, 64, 128),
-    "model.attention_impl": ("sdpa", "math"),
+    "model.attention_impl": ("auto", "sdpa", "math"),
     "model.init": ("orthogonal", "xavier", "normal"),
     "data.remainder": ("drop", "wrap"),
     "data.wrong_size": ("resize", "reject"),
