@@ -321,3 +321,33 @@ def test_a_save_does_not_wait_for_g_ema_statistics_and_readers_measure_them_the_
     out = tmp_path / "ema-4.png"
     assert main(["sample", "--checkpoint", str(run / "checkpoints" / "step_4"), "--out", str(out), "--generator", "ema"]) == 0  # fmt: skip
     assert out.read_bytes() == drawn
+
+
+def test_g_ema_loaded_into_a_trainer_is_measured_again_even_at_a_step_already_measured(
+    digits, tmp_path
+) -> None:
+    """A non-finite reload (or any load) can bring other G-EMA weights back to a step whose statistics the
+    trainer measured before: they must be measured again for the weights now loaded."""
+    from trainer.config import load_config
+    from trainer.distributed import init_runtime
+    from trainer.trainer import Trainer
+
+    overrides = [f"data.url={digits}", f"run.dir={tmp_path / 'run'}", "data.num_workers=0", "metrics.port=0"]
+    cfg = load_config(str(REPO / "configs" / "smoke.yaml"), overrides)
+    trainer = Trainer(cfg, init_runtime("cpu"))
+    trainer.ready_ema()  # step 0: measured
+    state = trainer.state_dict()
+    with torch.no_grad():
+        for name, value in state["G_ema"].items():
+            if value.is_floating_point() and "running" not in name:
+                value.add_(0.1 * torch.randn_like(value))  # other weights, the same step
+    trainer.load_state_dict(state)
+    measured = {n: b.clone() for n, b in trainer.ready_ema().named_buffers() if n.endswith("running_var")}
+    by_hand, _ = build_models(cfg.model, trainer.num_classes)
+    by_hand.load_state_dict(state["G_ema"])
+    recipe = trainer.ema_statistics_recipe()
+    recompute_batch_norm(by_hand, batch_norm_inputs(**recipe, z_dim=cfg.model.z_dim,
+                         num_classes=trainer.num_classes, device=torch.device("cpu")))  # fmt: skip
+    expected = dict(by_hand.named_buffers())
+    for name, value in measured.items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)

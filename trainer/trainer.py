@@ -181,6 +181,7 @@ class Trainer:
         self.step = int(state["step"])
         self.backend.load_state_dict(state["backend"])
         self.ema.load_state_dict(state["G_ema"])
+        self.ema_statistics_step = -1  # new weights, maybe at a step measured before: measure again
         self.stream.load_state_dict(json.loads(state["data"]))
         restore_rng_state(state.get("rng"), self.runtime.rank)
 
@@ -396,6 +397,7 @@ class Trainer:
         self.step = int(state["step"])
         self.backend.load_state_dict(state["backend"])
         self.ema.load_state_dict(state["G_ema"])
+        self.ema_statistics_step = -1  # new weights, maybe at a step measured before: measure again
         self.nonfinite.reloaded()
         self.metrics.nonfinite_reloads.inc()
         log.warning(
