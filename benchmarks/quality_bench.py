@@ -87,9 +87,7 @@ def train(args: argparse.Namespace) -> None:
         def save_checkpoint(self, fid=None):
             super().save_checkpoint(fid)
             inputs = dict(
-                seed=cfg.trainer.seed,
-                num_batches=cfg.trainer.ema_bn_batches,
-                batch_size=self.batch_size,
+                **self.ema_statistics_recipe(),
                 z_dim=cfg.model.z_dim,
                 num_classes=self.num_classes,
                 device=runtime.device,
