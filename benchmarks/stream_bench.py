@@ -20,6 +20,7 @@ import time
 import uuid
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 from benchmarks import machine
 from benchmarks.local_s3 import moto_server
@@ -62,16 +63,22 @@ class Options:
     jobs: tuple[tuple[int, int], ...] = ((1, 2), (8, 4))  # (ranks, loader workers) for read amplification
 
 
-def read_amplification(url: str, ranks: int, workers: int) -> dict[str, float]:
+def read_amplification(
+    url: str, ranks: int, workers: int, chunk_samples: int | None = None
+) -> dict[str, Any]:
     """Bytes an epoch reads from the store, over all ranks and loader workers of a job with the default
-    config, over the dataset's bytes. Each worker's share of each rank's first epoch is read by the
-    stream's own reader (``_BatchReader``, as in a DataLoader worker: a store of its own), one after the
-    other in this process; the S3 store counts the bytes it receives."""
+    config (``data.shuffle_chunk_samples`` replaced by ``chunk_samples`` if given), over the dataset's
+    bytes. Each worker's share of each rank's first epoch is read by the stream's own reader
+    (``_BatchReader``, as in a DataLoader worker: a store of its own), one after the other in this
+    process; the S3 store counts the bytes it receives and the GET requests it sends."""
     from trainer.config import load_config
 
-    cfg = load_config(None, [f"data.url={url}", f"data.num_workers={workers}"])
+    overrides = [f"data.url={url}", f"data.num_workers={workers}"]
+    if chunk_samples is not None:
+        overrides.append(f"data.shuffle_chunk_samples={chunk_samples}")
+    cfg = load_config(None, overrides)
     sizes = split_batch(cfg.trainer.global_batch_size, ranks)
-    read = images = 0
+    read = images = gets = 0
     for rank in range(ranks):
         stream = ShardStream(
             cfg.data, rank=rank, world_size=ranks, batch_size=sizes[rank], seed=cfg.trainer.seed,
@@ -84,9 +91,13 @@ def read_amplification(url: str, ranks: int, workers: int) -> dict[str, float]:
                     raise RuntimeError(item["error"])
                 read += item["s3_read_bytes"]
                 images += len(item["labels"])
-    dataset = sum(shard.num_bytes for shard in stream.manifest.shards)
-    return {"ranks": ranks, "workers": workers, "bytes_read": read, "dataset_bytes": dataset,
-            "images": images, "amplification": read / dataset}  # fmt: skip
+            gets += reader.store.gets
+    shards = stream.manifest.shards
+    dataset = sum(shard.num_bytes for shard in shards)
+    samples = sum(int(s.sample_offsets[-1] - s.sample_offsets[0]) for s in shards if s.indexed)
+    return {"ranks": ranks, "workers": workers, "chunk_samples": cfg.data.shuffle_chunk_samples,
+            "bytes_read": read, "dataset_bytes": dataset, "sample_bytes": samples, "images": images,
+            "gets": gets, "amplification": read / dataset}  # fmt: skip
 
 
 def run(options: Options, command: str = "python -m benchmarks data") -> Result:
@@ -112,7 +123,11 @@ def run(options: Options, command: str = "python -m benchmarks data") -> Result:
                     count, first, rate = measure(url, workers, options.batch_size, options.batches)
                     rows.append([name, workers, count, f"{first:.2f} s", f"{rate:,.0f}"])
                     print(f"{name} {workers} workers: {rate:.0f} images/s", flush=True)
-            amplification = [read_amplification(remote, ranks, workers) for ranks, workers in options.jobs]
+            amplification = [
+                read_amplification(remote, ranks, workers, chunk)
+                for ranks, workers in options.jobs
+                for chunk in (0, None)  # the order before chunks, then the default's
+            ]
             if options.bucket is not None:
                 store = open_store(remote)
                 store.delete(store.list())
@@ -126,19 +141,33 @@ def run(options: Options, command: str = "python -m benchmarks data") -> Result:
     )
     result.tables.append(
         Table(
-            ["ranks × workers", "images read", "bytes read", "dataset bytes", "read amplification"],
+            [
+                "ranks × workers",
+                "shuffle_chunk_samples",
+                "images read",
+                "GET requests",
+                "bytes read",
+                "dataset bytes",
+                "read amplification",
+                "bytes read / samples' bytes",
+            ],
             [
                 [
                     f"{a['ranks']} × {a['workers']}",
+                    f"{a['chunk_samples']}"
+                    + (" (before chunks)" if not a["chunk_samples"] else " (default)"),
                     f"{a['images']:,}",
-                    f"{a['bytes_read'] / 2**20:,.0f} MiB",
-                    f"{a['dataset_bytes'] / 2**20:,.0f} MiB",
+                    f"{a['gets']:,}",
+                    f"{a['bytes_read'] / 2**20:,.1f} MiB",
+                    f"{a['dataset_bytes'] / 2**20:,.1f} MiB",
                     f"{a['amplification']:.2f}",
+                    f"{a['bytes_read'] / a['sample_bytes']:.3f}" if a["sample_bytes"] else "",
                 ]
                 for a in amplification
             ],
             "One epoch of a job with the default config (global batch, shuffle blocks) over the same S3 "
-            "copy: bytes every rank's loader workers receive from the store, over the dataset's",
+            "copy: bytes every rank's loader workers receive from the store, over the dataset's (its shards' "
+            "sizes, tar end blocks included); the samples' bytes are the shards' without those",
         )
     )
     result.data = {"amplification": amplification}

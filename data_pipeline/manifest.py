@@ -14,6 +14,7 @@ import io
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -35,6 +36,13 @@ _SCHEMA = pa.schema(
         pa.field("class_counts", pa.list_(pa.int64()), nullable=False),
     ]
 )
+# Where each sample lies in its shard, for reading a part of it with one ranged request, and each
+# sample's CRC-32. Optional: manifests written before them hold none, and their shards are read from
+# their start. They identify nothing new, so they are outside the fingerprint.
+_INDEX = [
+    pa.field("sample_offsets", pa.list_(pa.int64()), nullable=True),
+    pa.field("sample_crc32", pa.list_(pa.int64()), nullable=True),
+]
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,14 @@ class ShardInfo:
     num_bytes: int
     sha256: str
     class_counts: tuple[int, ...]
+    # num_samples + 1 byte positions (sample i is bytes offsets[i]..offsets[i+1]-1) and each sample's
+    # CRC-32 (shards.index), or None: not indexed
+    sample_offsets: np.ndarray | None = field(default=None, compare=False, repr=False)
+    sample_crc32: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def indexed(self) -> bool:
+        return self.sample_offsets is not None and self.sample_crc32 is not None
 
 
 @dataclass(frozen=True)
@@ -104,10 +120,12 @@ def write_manifest(
                 "num_bytes": s.num_bytes,
                 "sha256": s.sha256,
                 "class_counts": list(s.class_counts),
+                "sample_offsets": None if s.sample_offsets is None else s.sample_offsets.tolist(),
+                "sample_crc32": None if s.sample_crc32 is None else s.sample_crc32.tolist(),
             }
             for s in shards
         ],
-        schema=_SCHEMA,
+        schema=pa.schema([*_SCHEMA, *_INDEX]),
     )
     num_samples = sum(s.num_samples for s in shards)
     metadata = {
@@ -165,6 +183,7 @@ def read_manifest(url: str) -> Manifest:
         except DataError as exc:
             raise ValueError(str(exc)) from None
         rows = table.select([f.name for f in _SCHEMA]).to_pylist()
+        offsets, crc32 = (_int_lists(table, f.name, len(rows)) for f in _INDEX)
         manifest = Manifest(
             url=folder,
             shards=[
@@ -174,8 +193,10 @@ def read_manifest(url: str) -> Manifest:
                     num_bytes=int(row["num_bytes"]),
                     sha256=row["sha256"],
                     class_counts=tuple(int(c) for c in row["class_counts"]),
+                    sample_offsets=offsets[i],
+                    sample_crc32=crc32[i],
                 )
-                for row in rows
+                for i, row in enumerate(rows)
             ],
             num_classes=int(meta["sagan.num_classes"]),
             image_size=int(meta["sagan.image_size"]),
@@ -196,4 +217,31 @@ def read_manifest(url: str) -> Manifest:
         raise DataError(
             f"{where} is inconsistent (shard sample counts do not add up): re-run `sagan prepare`"
         )
+    for s in manifest.shards:
+        if s.indexed and not _index_fits(s):
+            raise DataError(
+                f"{where} is inconsistent (the sample index of {s.name} does not fit it): re-run `sagan prepare`"
+            )
     return manifest
+
+
+def _int_lists(table: pa.Table, column: str, rows: int) -> list[np.ndarray | None]:
+    """A list<int64> column as one int64 array per row (None where null or absent), without Python ints."""
+    if column not in table.column_names:
+        return [None] * rows
+    lists = table.column(column).combine_chunks()
+    values = lists.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    bounds = lists.offsets.to_numpy()
+    return [None if not lists[i].is_valid else values[bounds[i] : bounds[i + 1]] for i in range(rows)]
+
+
+def _index_fits(shard: ShardInfo) -> bool:
+    offsets, crc32 = shard.sample_offsets, shard.sample_crc32
+    assert offsets is not None and crc32 is not None
+    return (
+        len(offsets) == shard.num_samples + 1
+        and len(crc32) == shard.num_samples
+        and bool(np.all(np.diff(offsets) > 0))
+        and offsets[0] >= 0
+        and offsets[-1] <= shard.num_bytes
+    )

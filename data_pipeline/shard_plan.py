@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline import shards
 from data_pipeline.encodings import Encoding
 from data_pipeline.errors import DataError
 from data_pipeline.images import Preprocess
@@ -146,6 +147,8 @@ class MadeShard:
                 "sha256": info.sha256,
                 "class_counts": list(info.class_counts),
                 "num_skipped": self.num_skipped,
+                "sample_offsets": None if info.sample_offsets is None else info.sample_offsets.tolist(),
+                "sample_crc32": None if info.sample_crc32 is None else info.sample_crc32.tolist(),
             }
         ).encode()
 
@@ -158,6 +161,10 @@ class MadeShard:
             int(row["num_bytes"]),
             row["sha256"],
             tuple(row["class_counts"]),
+            *(
+                None if row.get(key) is None else np.asarray(row[key], dtype=np.int64)
+                for key in ("sample_offsets", "sample_crc32")
+            ),
         )
         return cls(int(row["index"]), info, int(row["num_skipped"]))
 
@@ -201,9 +208,10 @@ class ShardMaker:
                     tar.addfile(info, io.BytesIO(member))
                 written += 1
                 counts[label] += 1
-        with open(path, "rb") as file:
-            sha256 = hashlib.file_digest(file, "sha256").hexdigest()
-        info = ShardInfo(path.name, written, path.stat().st_size, sha256, tuple(counts))
+        data = path.read_bytes()
+        offsets, crc32 = shards.index(data)
+        sha256 = hashlib.sha256(data).hexdigest()
+        info = ShardInfo(path.name, written, len(data), sha256, tuple(counts), offsets, crc32)
         return MadeShard(index, info, skipped)
 
 

@@ -10,9 +10,13 @@ at a member boundary without the end-of-archive blocks is accepted, as webdatase
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
+import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
+import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from data_pipeline.untrusted import UnsafeInput, check_member_name
@@ -51,9 +55,17 @@ def _pax_records(data: bytes) -> dict[str, str]:
 
 def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(name, data) of the regular files in a tar stream, in order."""
+    for name, data, _, _ in _members_at(stream):
+        yield name, data
+
+
+def _members_at(stream: BinaryIO) -> Iterator[tuple[str, bytes, int, int]]:
+    """(name, data, first byte, end byte) of the regular files in a tar stream; a member's bytes start
+    at its first header block (pax or long-name records included) and end after its padding."""
     read = stream.read
     long_name: str | None = None
     pax: dict[str, str] = {}
+    position = member_start = 0
     while True:
         header = read(BLOCK)
         if not header or header == _ZERO_BLOCK:
@@ -80,6 +92,7 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         data = read(size + padding)
         if len(data) < size + padding:
             raise ShardDamaged(f"the stream ends inside a tar member ({len(data)} of {size} bytes)", name)
+        position += BLOCK + size + padding
         data = data[:size]
         if name is not None and kind in _REGULAR:
             try:
@@ -90,10 +103,13 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             pax = _pax_records(data)
         elif kind == b"L":
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-        elif kind != b"g":
+        elif kind == b"g":
+            member_start = position
+        else:
             long_name, pax = None, {}
             if kind in _REGULAR:
-                yield name, data
+                yield name, data, member_start, position
+            member_start = position
 
 
 def samples(stream: BinaryIO) -> Iterator[dict[str, bytes]]:
@@ -118,6 +134,34 @@ def samples(stream: BinaryIO) -> Iterator[dict[str, bytes]]:
         raise
     if key is not None:
         yield files
+
+
+def index(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Where each sample of a whole shard lies: ``offsets`` (n + 1 byte positions; sample i is
+    ``data[offsets[i]:offsets[i + 1]]``, its tar members with their headers, and whatever non-sample
+    members follow it) and the CRC-32 of each sample's bytes. A damaged shard raises ShardDamaged."""
+    starts: list[int] = []
+    end, key = 0, None
+    for name, _, start, stop in _members_at(io.BytesIO(data)):
+        stem, _ = base_plus_ext(name)
+        if stem is None or name.startswith("__"):
+            continue
+        if stem != key:
+            starts.append(start)
+            key = stem
+        end = stop
+    offsets = np.array([*starts, end], dtype=np.int64)
+    view = memoryview(data)
+    crc = np.array([zlib.crc32(view[a:b]) for a, b in itertools.pairwise(offsets.tolist())], dtype=np.int64)
+    return offsets, crc
+
+
+def sample_of(data: bytes) -> dict[str, bytes]:
+    """The one sample held by ``data``, the bytes of one ``index`` entry; damage raises ShardDamaged."""
+    found = list(samples(io.BytesIO(data)))
+    if len(found) != 1:
+        raise ShardDamaged(f"{len(found)} samples where the index has one")
+    return found[0]
 
 
 class Checksummed:

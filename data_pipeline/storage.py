@@ -66,6 +66,7 @@ class Store(ABC):
     url: str
     retries: int = 0  # transient failures retried by this store (the process-wide total: retry_count())
     bytes_read: int = 0  # object bytes this store received from S3 (not counted for local folders)
+    gets: int = 0  # GET requests this store sent to S3 for reading (resumes included)
 
     @abstractmethod
     def read_bytes(self, name: str) -> bytes: ...
@@ -81,6 +82,10 @@ class Store(ABC):
     @abstractmethod
     def open_read(self, name: str) -> BinaryIO:
         """A binary stream of the object; on S3 it survives dropped connections (ranged-GET resume)."""
+
+    @abstractmethod
+    def read_range(self, name: str, start: int, end: int) -> tuple[bytes, int]:
+        """Bytes ``start..end-1`` of the object (fewer where it ends sooner) and the object's size."""
 
     @abstractmethod
     def exists(self, name: str) -> bool: ...
@@ -190,6 +195,15 @@ class LocalStore(Store):
             raise ObjectNotFound(f"{path} does not exist") from None
         except OSError as exc:
             raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def read_range(self, name: str, start: int, end: int) -> tuple[bytes, int]:
+        with self.open_read(name) as stream:
+            try:
+                size = os.fstat(stream.fileno()).st_size
+                stream.seek(start)
+                return stream.read(max(0, end - start)), size
+            except OSError as exc:
+                raise DataError(f"cannot read {self._path(name)}: {exc.strerror or exc}") from None
 
     def _atomic_write(self, name: str, fill: Callable[[BinaryIO], None]) -> None:
         path = self._path(name)
@@ -444,6 +458,13 @@ class S3Store(Store):
             _S3ObjectReader(self, self.key_of(name), self.url_of(name)), READ_BUFFER_BYTES
         )
 
+    def read_range(self, name: str, start: int, end: int) -> tuple[bytes, int]:
+        reader = _S3ObjectReader(self, self.key_of(name), self.url_of(name), start=start, end=end)
+        with reader:
+            data = io.BufferedReader(reader, READ_BUFFER_BYTES).read()
+        assert reader.size is not None
+        return data, reader.size
+
     def write_bytes(self, name: str, data: bytes) -> None:
         key = self.key_of(name)
         self.retrying(
@@ -521,43 +542,66 @@ class S3Store(Store):
 
 
 class _S3ObjectReader(io.RawIOBase):
-    """Reads one S3 object; a broken connection is retried and resumed with a ranged GET at the byte
-    where it broke (pinned to the first response's ETag, so a replaced object is an error, not a mix)."""
+    """Reads one S3 object, or its bytes ``start..end-1``; a broken connection is retried and resumed
+    with a ranged GET at the byte where it broke (pinned to the first response's ETag, so a replaced
+    object is an error, not a mix). ``size`` is the whole object's."""
 
-    def __init__(self, store: S3Store, key: str, url: str):
+    def __init__(self, store: S3Store, key: str, url: str, *, start: int = 0, end: int | None = None):
         self.store, self.key, self.url = store, key, url
-        self.position = 0
+        self.position, self.end = start, end
         self.size: int | None = None
         self.etag: str | None = None
         self.body: Any = None
         self.store.retrying(url, self.request)
 
     def request(self) -> None:
+        from botocore.exceptions import ClientError
+
         args: dict[str, Any] = {"Bucket": self.store.bucket, "Key": self.key}
-        if self.position:
-            args["Range"] = f"bytes={self.position}-"
+        if self.end is not None and self.end <= self.position:
+            return self.find_size()
+        if self.position or self.end is not None:
+            args["Range"] = f"bytes={self.position}-{'' if self.end is None else self.end - 1}"
         if self.etag:
             args["IfMatch"] = self.etag
-        response = _s3_client().get_object(**args)
+        with _read_lock:
+            self.store.gets += 1
+        try:
+            response = _s3_client().get_object(**args)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvalidRange":
+                raise
+            return self.find_size()  # the range starts at or after the object's end
         if self.size is None:
-            self.size, self.etag = int(response["ContentLength"]), response.get("ETag")
+            whole = re.search(r"/(\d+)$", response.get("ContentRange") or "")
+            self.size = int(whole.group(1)) if whole else int(response["ContentLength"])
+            self.etag = response.get("ETag")
         self.body = response["Body"]
+
+    def find_size(self) -> None:
+        if self.size is None:
+            head = _s3_client().head_object(Bucket=self.store.bucket, Key=self.key)
+            self.size, self.etag = int(head["ContentLength"]), head.get("ETag")
+
+    @property
+    def stop(self) -> int:
+        assert self.size is not None
+        return self.size if self.end is None else min(self.end, self.size)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        assert self.size is not None
-        if self.position >= self.size:
+        if self.position >= self.stop:
             return 0
         attempt = 0
         while True:
             try:
                 if self.body is None:
                     self.request()
-                data = self.body.read(min(len(buffer), self.size - self.position))
+                data = self.body.read(min(len(buffer), self.stop - self.position))
                 if not data:
-                    raise _ShortRead(f"connection closed at byte {self.position} of {self.size}")
+                    raise _ShortRead(f"connection closed at byte {self.position} of {self.stop}")
             except Exception as exc:
                 self.drop_body()
                 failure = self.store.give_up_or_wait(exc, self.url, attempt)

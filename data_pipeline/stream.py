@@ -2,7 +2,8 @@
 
 Each epoch's global sample sequence S is a pure function of (seed, epoch, manifest): the shards are
 permuted, grouped into blocks of ``shuffle_block_shards`` consecutive shards, and the samples of each
-block are permuted jointly. The stream's position is the set of positions of S not consumed yet,
+block shuffled in chunks of ``shuffle_chunk_samples`` (``EpochOrder``), so that a worker reads just
+the samples it needs, a run of them at a time, with ranged reads. The stream's position is the set of positions of S not consumed yet,
 kept as intervals ``(epoch, start, end)``.
 
 A *segment* splits the remaining positions (total R) over W ranks with per-rank batches b_0..b_{W-1}
@@ -27,6 +28,7 @@ import itertools
 import logging
 import signal
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,6 +66,9 @@ class DataConfig:
     prepare_shard_size: str = "8MB"  # shard size of that first-use preparation
     num_workers: int = 2
     shuffle_block_shards: int = 4  # shards whose samples are shuffled together
+    # consecutive samples of a shard kept together by the shuffle, the unit of a ranged read; 0 = the
+    # samples of a block permuted one by one (the order before chunks: shards read from their start)
+    shuffle_chunk_samples: int = 64
     remainder: str = "drop"  # drop | wrap  (the tail of an epoch smaller than one global batch)
     wrong_size: str = "resize"  # resize | reject
     skip_unreachable_shards: bool = False
@@ -119,10 +124,20 @@ def merge(intervals: list[Interval]) -> list[Interval]:
 
 
 class EpochOrder:
-    """S for one epoch: shards permuted, grouped in blocks, each block's samples permuted jointly."""
+    """S for one epoch: shards permuted and grouped in blocks; within a block, each shard cut into
+    chunks of ``chunk_samples`` consecutive samples (the grid shifted by a random offset each epoch),
+    its chunks permuted, and the block's shards interleaved evenly (sample j of an n-sample shard at
+    rank (j + u) / n, u random), so that the block's batches mix its shards.
 
-    def __init__(self, shard_counts: np.ndarray, seed: int, epoch: int, block_shards: int):
-        self.seed, self.epoch = seed, epoch
+    Any contiguous run of S then needs, of each shard, a contiguous run of its chunk order: whole
+    chunks and at most two chunk parts, each a contiguous byte range of the shard (one ranged read).
+    ``chunk_samples`` 0 is the order before chunks: the block's samples permuted jointly."""
+
+    def __init__(
+        self, shard_counts: np.ndarray, seed: int, epoch: int, block_shards: int, chunk_samples: int = 0
+    ):
+        self.seed, self.epoch, self.chunk_samples = seed, epoch, chunk_samples
+        self.shard_counts = shard_counts
         self.shard_starts = np.concatenate([[0], np.cumsum(shard_counts)]).astype(np.int64)
         shard_order = np.random.default_rng([seed, epoch]).permutation(len(shard_counts))
         self.blocks = [shard_order[i : i + block_shards] for i in range(0, len(shard_order), block_shards)]
@@ -134,13 +149,25 @@ class EpochOrder:
 
     def block_samples(self, block: int) -> np.ndarray:
         """Global sample indices (shard start + offset) of a block, in S order."""
-        samples = np.concatenate(
-            [
-                np.arange(self.shard_starts[s], self.shard_starts[s + 1], dtype=np.int64)
-                for s in self.blocks[block]
-            ]
-        )
-        return samples[np.random.default_rng([self.seed, self.epoch, block]).permutation(len(samples))]
+        rng = np.random.default_rng([self.seed, self.epoch, block])
+        if not self.chunk_samples:
+            samples = np.concatenate(
+                [
+                    np.arange(self.shard_starts[s], self.shard_starts[s + 1], dtype=np.int64)
+                    for s in self.blocks[block]
+                ]
+            )
+            return samples[rng.permutation(len(samples))]
+        orders, ranks = [], []
+        for shard in self.blocks[block]:
+            n, c = int(self.shard_counts[shard]), self.chunk_samples
+            shift = int(rng.integers(c)) if n > c else 0
+            edges = np.unique(np.clip(np.arange(shift - c, n + c, c), 0, n))
+            chunks = [np.arange(a, b, dtype=np.int64) for a, b in itertools.pairwise(edges)]
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+            orders.append(self.shard_starts[shard] + np.concatenate(chunks or [np.zeros(0, np.int64)]))
+            ranks.append((np.arange(n) + rng.random()) / max(n, 1))
+        return np.concatenate(orders)[np.argsort(np.concatenate(ranks), kind="stable")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,6 +297,7 @@ class _BatchReader:
         *,
         seed: int,
         block_shards: int,
+        chunk_samples: int,
         resolution: int,
         leave_jpeg_encoded: bool = False,
     ):
@@ -278,7 +306,7 @@ class _BatchReader:
         self.preprocess = Preprocess(**manifest.preprocess)  # how the dataset was made, for any resize here
         self.leave_jpeg_encoded = leave_jpeg_encoded
         self.seed = seed
-        self.block_shards = block_shards
+        self.block_shards, self.chunk_samples = block_shards, chunk_samples
         self.resolution = resolution
         self.reject_wrong_size = cfg.wrong_size == "reject"
         self.skip_unreachable = cfg.skip_unreachable_shards
@@ -294,7 +322,9 @@ class _BatchReader:
         if epoch not in self.orders:
             if len(self.orders) > 4:
                 self.orders.pop(min(self.orders))
-            self.orders[epoch] = EpochOrder(self.shard_counts, self.seed, epoch, self.block_shards)
+            self.orders[epoch] = EpochOrder(
+                self.shard_counts, self.seed, epoch, self.block_shards, self.chunk_samples
+            )
         return self.orders[epoch]
 
     # -- positions -> samples ------------------------------------------------------------------------
@@ -388,6 +418,67 @@ class _BatchReader:
 
     def read_shard(self, shard: int, offsets: set[int]) -> dict[int, Encoded]:
         """The wanted samples of one shard (their files, or why they are missing), by global index."""
+        if self.chunk_samples and self.manifest.shards[shard].indexed:
+            return self.read_shard_parts(shard, offsets)
+        return self.read_shard_from_start(shard, offsets)
+
+    def read_shard_parts(self, shard: int, offsets: set[int]) -> dict[int, Encoded]:
+        """``read_shard`` of an indexed shard: each run of consecutive wanted samples in one ranged read,
+        each sample checked against its CRC-32 (a sample whose bytes differ is skipped, not the shard)."""
+        info, url = self.manifest.shards[shard], self.manifest.shard_url(shard)
+        assert info.sample_offsets is not None and info.sample_crc32 is not None
+        bounds, crc32 = info.sample_offsets, info.sample_crc32
+        start = int(self.shard_starts[shard])
+        wanted = np.array(sorted(o for o in offsets if o < info.num_samples), dtype=np.int64)
+        results: dict[int, Encoded] = {start + o: "truncated" for o in offsets if o >= info.num_samples}
+        lost: Counter[str] = Counter()
+        for run in np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1) if len(wanted) else []:
+            first, last = int(run[0]), int(run[-1]) + 1
+            base = int(bounds[first])
+            try:
+                data, size = self.store.read_range(info.name, base, int(bounds[last]))
+            except DataError as exc:
+                if not self.skip_unreachable:
+                    hint = (
+                        ""
+                        if isinstance(exc, ObjectNotFound)
+                        else " (data.skip_unreachable_shards=true skips it)"
+                    )
+                    raise DataError(f"data shard unreachable: {exc}{hint}") from None
+                self.log_once(shard, "skipping unreachable shard %s: %s", url, exc)
+                results.update({start + o: "unreachable" for o in offsets if start + o not in results})
+                return results
+            view = memoryview(data)
+            for offset in range(first, last):
+                a, b = int(bounds[offset]) - base, int(bounds[offset + 1]) - base
+                if size > info.num_bytes:
+                    reason = "checksum"  # not the object `sagan prepare` wrote
+                elif b > len(view):
+                    reason = "truncated"
+                elif zlib.crc32(view[a:b]) != int(crc32[offset]):
+                    reason = "checksum"
+                else:
+                    try:
+                        results[start + offset] = shards.sample_of(view[a:b].tobytes())
+                        continue
+                    except shards.ShardDamaged:
+                        reason = "truncated"
+                results[start + offset] = reason
+                lost[reason] += 1
+        if lost["checksum"]:
+            self.log_once(
+                shard, "skipping %d samples of shard %s: their bytes differ from the manifest's CRC-32 (or "
+                "its size, %d bytes, does)", lost["checksum"], url, info.num_bytes,
+            )  # fmt: skip
+        if lost["truncated"]:
+            self.log_once(
+                shard, "shard %s ends before %d of its %d samples", url, lost["truncated"], info.num_samples
+            )
+        return results
+
+    def read_shard_from_start(self, shard: int, offsets: set[int]) -> dict[int, Encoded]:
+        """``read_shard`` by one read from the shard's start to its last wanted sample, checking the
+        shard's sha256 when it is read whole (or nearly)."""
         info, url = self.manifest.shards[shard], self.manifest.shard_url(shard)
         start = int(self.shard_starts[shard])
         results: dict[int, Encoded] = {}
@@ -568,7 +659,7 @@ class ShardStream:
                 f"({global_batch}): use a smaller batch or data.remainder=wrap"
             )
         self.seed = seed % 2**63
-        self.block_shards = cfg.shuffle_block_shards
+        self.block_shards, self.chunk_samples = cfg.shuffle_block_shards, cfg.shuffle_chunk_samples
         self.skipped: Counter[str] = Counter()
         self.s3_retries = 0
         self.s3_read_bytes = 0
@@ -617,6 +708,7 @@ class ShardStream:
             self.cfg,
             seed=self.seed,
             block_shards=self.block_shards,
+            chunk_samples=self.chunk_samples,
             resolution=self.resolution,
             leave_jpeg_encoded=self._gpu_jpeg is not None,
         )
@@ -704,6 +796,7 @@ class ShardStream:
             "num_samples": self.manifest.num_samples,
             "seed": self.seed,
             "shuffle_block_shards": self.block_shards,
+            "shuffle_chunk_samples": self.chunk_samples,
             "epoch": self.epoch,
             "segment": [list(i) for i in self.segment.intervals],
             "segment_steps": self.segment.steps,
@@ -726,6 +819,7 @@ class ShardStream:
                 int(state["seed"]),
                 int(state["shuffle_block_shards"]),
             )
+            chunk_samples = int(state.get("shuffle_chunk_samples", 0))  # 0: saved before chunks
             segment = [(int(e), int(a), int(b)) for e, a, b in state["segment"]]
             steps = int(state["segment_steps"])
             remaining = [(int(e), int(a), int(b)) for e, a, b in state["remaining"]]
@@ -740,13 +834,15 @@ class ShardStream:
                 f"the checkpoint's data position belongs to another dataset than {self.cfg.url} (manifest "
                 f"{fingerprint}, now {self.manifest.fingerprint}): resume with the original data or start a new run"
             )
-        if (seed, block_shards) != (self.seed, self.block_shards):
+        if (seed, block_shards, chunk_samples) != (self.seed, self.block_shards, self.chunk_samples):
             log.warning(
-                "continuing the checkpoint's data order (seed %d, shuffle_block_shards %d)",
+                "continuing the checkpoint's data order (seed %d, shuffle_block_shards %d, "
+                "shuffle_chunk_samples %d)",
                 seed,
                 block_shards,
+                chunk_samples,
             )
-            self.seed, self.block_shards = seed, block_shards
+            self.seed, self.block_shards, self.chunk_samples = seed, block_shards, chunk_samples
             self._reader = self._make_reader()
         self.moves += 1
         if shape == (self.world_size, self.batch_sizes, max(1, self.cfg.num_workers)) and consumed < steps:
@@ -774,7 +870,13 @@ def _check_config(cfg: DataConfig) -> None:
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise DataError(f"data.{key} must be {' or '.join(allowed)}, got {getattr(cfg, key)!r}")
-    minimum = {"num_workers": 0, "shuffle_block_shards": 1, "max_retries": 0, "prefetch_factor": 1}
+    minimum = {
+        "num_workers": 0,
+        "shuffle_block_shards": 1,
+        "shuffle_chunk_samples": 0,
+        "max_retries": 0,
+        "prefetch_factor": 1,
+    }
     for key, least in minimum.items():
         if getattr(cfg, key) < least:
             raise DataError(f"data.{key} must be at least {least}, got {getattr(cfg, key)!r}")

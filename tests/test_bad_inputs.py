@@ -113,7 +113,7 @@ def damage(kind: str, data: bytes) -> tuple[bytes, bool]:
 # (reason counted, how many of the damaged shard's samples)
 EXPECTED = {
     "truncated_tar": ("truncated", lambda n: n - 2),
-    "garbage_bytes": ("truncated", lambda n: n),
+    "garbage_bytes": ("checksum", lambda n: n),  # every sample fails its CRC-32
     "zero_length_image": ("decode", lambda n: 1),
     "huge_declared_image": ("decode", lambda n: 1),
     "label_out_of_range": ("label", lambda n: 1),

@@ -24,6 +24,8 @@ from data_pipeline import storage
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import read_manifest, write_manifest
 from data_pipeline.prepare import prepare
+from data_pipeline.shards import ShardDamaged
+from data_pipeline.shards import index as tar_index
 from data_pipeline.storage import open_store
 from data_pipeline.stream import DataConfig, ShardStream
 
@@ -112,7 +114,10 @@ def test_a_cut_connection_in_a_worker_is_resumed_and_reported(id_dataset, proxy)
     assert proxy.faults == {"truncate": 1}
     counters = stream.counters()  # counted in a worker, shipped with a batch
     assert (counters["skipped"], counters["s3_retries"]) == ({}, 1)
-    assert counters["s3_read_bytes"] >= sum(shard.num_bytes for shard in shards)  # every shard, once or more
+    samples_bytes = sum(int(s.sample_offsets[-1] - s.sample_offsets[0]) for s in shards)
+    assert (
+        counters["s3_read_bytes"] >= samples_bytes
+    )  # every sample, once or more (its part of the cut read again)
 
 
 def test_an_unreachable_shard_fails_the_run_naming_it(id_dataset, proxy):
@@ -154,13 +159,22 @@ def test_a_deleted_shard_fails_naming_it(id_dataset, s3_env):
 
 
 def recommit(url: str, indices: list[int]) -> None:
-    """Write the manifest again with the current size and sha256 of shards ``indices``."""
+    """Write the manifest again with the current size, sha256 and sample index of shards ``indices``
+    (no index where the shard's members cannot be indexed, as for a shard of an old manifest)."""
     manifest, store = read_manifest(url), open_store(url)
     shards = list(manifest.shards)
     for index in indices:
         data = store.read_bytes(shards[index].name)
+        try:
+            offsets, crc32 = tar_index(data)
+        except ShardDamaged:
+            offsets = crc32 = None
         shards[index] = dataclasses.replace(
-            shards[index], num_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+            shards[index],
+            num_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            sample_offsets=offsets,
+            sample_crc32=crc32,
         )
     write_manifest(
         url, shards, image_size=manifest.image_size, num_classes=manifest.num_classes, source=manifest.source,
@@ -279,3 +293,32 @@ def test_a_batch_without_any_valid_sample_is_an_error_naming_the_shard(tmp_path)
     store.write_bytes(manifest.shards[0].name, out.getvalue())
     with pytest.raises(DataError, match=f"no valid sample.*{manifest.shard_url(0)}"):
         one_epoch(DataConfig(url=url, prepare_source="", num_workers=0))
+
+
+def test_an_indexed_shard_loses_only_the_sample_whose_bytes_changed(tmp_path):
+    url = str(tmp_path / "ids")
+    prepare(f"parquet:{write_id_parquet(tmp_path / 'ids.parquet')}", url, image_size=IMAGE_SIZE,
+            shard_size=40 * 1024, progress=False)  # fmt: skip
+    store, info = open_store(url), read_manifest(url).shards[1]
+    data = bytearray(store.read_bytes(info.name))
+    victim = shard_ids(bytes(data))[3]
+    data[int(info.sample_offsets[3]) + 520] ^= 0xFF  # inside the fourth sample's image; same size
+    store.write_bytes(info.name, bytes(data))
+    ids, stream = one_epoch(DataConfig(url=url, prepare_source="", num_workers=0))
+    assert stream.counters()["skipped"] == {"checksum": 1}
+    assert set(ids) == set(range(NUM_SAMPLES)) - {victim} and len(ids) == NUM_SAMPLES
+    # read from its start (the order before chunks), the shard fails its sha256 as a whole
+    _, legacy = one_epoch(DataConfig(url=url, prepare_source="", num_workers=0, shuffle_chunk_samples=0))
+    assert legacy.counters()["skipped"] == {"checksum": info.num_samples}
+
+
+def test_a_shard_cut_short_in_the_bucket_loses_the_samples_past_its_end(id_dataset):
+    store, info = open_store(id_dataset), read_manifest(id_dataset).shards[2]
+    cut = int(info.sample_offsets[4]) + 700  # inside the fifth sample
+    whole = store.read_bytes(info.name)
+    store.write_bytes(info.name, whole[:cut])
+    assert store.read_range(info.name, cut - 10, cut + 20) == (whole[cut - 10 : cut], cut)
+    assert store.read_range(info.name, cut + 10, cut + 20) == (b"", cut)  # S3 answers 416 to that range
+    ids, stream = one_epoch(DataConfig(url=id_dataset, prepare_source="", num_workers=2))
+    assert stream.counters()["skipped"] == {"truncated": info.num_samples - 4}
+    assert len(ids) == NUM_SAMPLES

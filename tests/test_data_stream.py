@@ -21,7 +21,7 @@ from PIL import Image
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import read_manifest
 from data_pipeline.prepare import prepare
-from data_pipeline.stream import DataConfig, ShardStream
+from data_pipeline.stream import DataConfig, EpochOrder, ShardStream
 
 NUM_SAMPLES = 300
 IMAGE_SIZE = 16
@@ -257,3 +257,64 @@ def test_missing_dataset_is_prepared_on_first_use(tmp_path):
     )
     images, labels = next(iter(stream))
     assert images.shape == (16, 3, 8, 8) and int(labels.max()) < 10
+
+
+def test_the_chunked_order_is_a_permutation_whose_runs_need_few_contiguous_reads():
+    counts = np.array([300, 280, 300, 90, 300, 300, 17], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    n, chunk = int(counts.sum()), 32
+    orders = []
+    for epoch in range(3):
+        order = EpochOrder(counts, seed=5, epoch=epoch, block_shards=4, chunk_samples=chunk)
+        sequence = np.concatenate([order.block_samples(b) for b in range(len(order.blocks))])
+        assert sorted(sequence.tolist()) == list(range(n))
+        orders.append(sequence.tolist())
+        rng = np.random.default_rng(epoch)
+        for _ in range(200):  # what a worker's run of the epoch needs, shard by shard
+            first = int(rng.integers(n))
+            needed = np.sort(sequence[first : first + int(rng.integers(1, 400))])
+            shard_of = np.searchsorted(starts, needed, side="right") - 1
+            for shard in np.unique(shard_of):
+                part = needed[shard_of == shard]
+                reads = 1 + np.count_nonzero(np.diff(part) != 1)  # runs of consecutive samples
+                # whole chunks (the grid's first and last shorter) and at most two parts of chunks
+                assert reads <= len(part) // chunk + 4
+        block = order.block_samples(0)  # batches mix the block's shards
+        windows = np.searchsorted(starts, block, side="right")[: len(block) // 8 * 8].reshape(-1, 8)
+        assert min(len(set(w)) for w in windows.tolist()) >= 2
+        assert np.mean([len(set(w)) for w in windows.tolist()]) > 3
+    assert orders[0] != orders[1] != orders[2]
+    legacy = EpochOrder(counts, seed=5, epoch=1, block_shards=4, chunk_samples=0)
+    joint = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in legacy.blocks[0]])
+    permuted = joint[np.random.default_rng([5, 1, 0]).permutation(len(joint))]
+    assert legacy.block_samples(0).tolist() == permuted.tolist()  # chunk 0: the order before chunks
+
+
+@pytest.mark.parametrize("chunk_samples", [0, 64])
+def test_an_epoch_at_4_ranks_by_2_workers_reads_from_s3_what_it_needs(s3_env, s3_dataset, chunk_samples):
+    shards = read_manifest(s3_dataset).shards
+    samples_bytes = sum(int(s.sample_offsets[-1] - s.sample_offsets[0]) for s in shards)
+    cfg = DataConfig(url=s3_dataset, prepare_source="", num_workers=2, shuffle_chunk_samples=chunk_samples)
+    streams = make_streams(cfg, 4, batch_size=5)  # 300 = 15 global batches of 20: no sample dropped
+    seen = flat([i for s in streams for i in take_batches(s, s.batches_remaining())])
+    assert sorted(seen) == list(range(NUM_SAMPLES))
+    amplification = sum(s.counters()["s3_read_bytes"] for s in streams) / samples_bytes
+    if chunk_samples:
+        assert amplification == 1.0  # each sample's bytes, once, by ranged reads
+    else:
+        assert amplification > 1.5  # shards read from their start by every worker that needs a sample
+
+
+def test_a_checkpoint_from_before_chunks_continues_its_order(local_dataset):
+    legacy = DataConfig(url=local_dataset, prepare_source="", num_workers=0, shuffle_chunk_samples=0)
+    [reference] = make_streams(legacy, 1)
+    expected = take_batches(reference, 12)
+    [old] = make_streams(legacy, 1)
+    take_batches(old, 5)
+    state = old.state_dict()
+    del state["shuffle_chunk_samples"]  # as saved before chunks existed
+    [resumed] = make_streams(DataConfig(url=local_dataset, prepare_source="", num_workers=0), 1)
+    resumed.load_state_dict(state)
+    assert take_batches(resumed, 7) == expected[5:]
+    [chunked] = make_streams(DataConfig(url=local_dataset, prepare_source="", num_workers=0), 1)
+    assert take_batches(chunked, 12) != expected

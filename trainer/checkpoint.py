@@ -63,7 +63,7 @@ SAFE_LEAVES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.devi
 MODEL_KEYS_NOT_COMPARED = ("num_classes", "attention_impl", "init")
 # Settings a resumed run keeps from its checkpoint whatever its config says (the data order goes on):
 # a new value would not take effect, so it is refused.
-KEPT_ON_RESUME = ("trainer.seed", "data.shuffle_block_shards")
+KEPT_ON_RESUME = ("trainer.seed", "data.shuffle_block_shards", "data.shuffle_chunk_samples")
 
 
 class CheckpointError(Exception):

@@ -113,6 +113,7 @@ POSITIVE = (
 NON_NEGATIVE = (
     "model.num_classes",
     "data.num_workers",
+    "data.shuffle_chunk_samples",
     "data.max_retries",
     "metrics.port",
     "trainer.seed",
