@@ -1,4 +1,4 @@
-"""What the numbers were measured on: the CPU, its bf16 instructions, the load, the peak matmul rate."""
+"""What the numbers were measured on: the CPU, its bf16 instructions, the load, the peak FLOP/s."""
 
 from __future__ import annotations
 
@@ -69,15 +69,64 @@ def uptime() -> str:
     return "load average " + ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def peak_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul, median of ``repeats``: the attainable peak of this precision."""
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(dtype)
-    b = torch.randn(size, size, generator=generator).to(dtype)
-    torch.mm(a, b)  # warm-up: oneDNN/BLAS kernels, thread pool
+def _median_seconds(call, repeats: int) -> float:
+    call()  # warm-up: oneDNN/BLAS kernels, weight reorders, thread pool
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()
-        torch.mm(a, b)
+        call()
         seconds.append(time.perf_counter() - started)
-    return 2 * size**3 / statistics.median(seconds)
+    return statistics.median(seconds)
+
+
+def peak_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul (``torch.mm``), median of ``repeats``."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
+    return 2 * size**3 / _median_seconds(lambda: torch.mm(a, b), repeats)
+
+
+def peak_flops(dtype: torch.dtype = torch.float32, repeats: int = 5) -> tuple[float, str]:
+    """The attainable peak FLOP/s of this precision: the fastest of three dense kernels, and which it was.
+
+    ``torch.mm`` alone is not the peak everywhere: on AMD CPUs its BLAS (MKL) may take an AVX2 path
+    while oneDNN, which runs the convolutions, uses AVX512. So the peak is the best of a 2048² matmul,
+    a 1×1 convolution (a GEMM in oneDNN) and a 3×3 one, channels_last. oneDNN's CPU convolutions are
+    direct (no Winograd, FFT), so their counted FLOPs are executed FLOPs; on CUDA, where cuDNN may
+    choose Winograd or FFT for a 3×3 kernel, the 3×3 one is left out.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape: int) -> torch.Tensor:
+        t = torch.randn(*shape, generator=generator).to(device, dtype)
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+    a, b = tensor(2048, 2048), tensor(2048, 2048)
+    x1, w1 = tensor(32, 512, 32, 32), tensor(512, 512, 1, 1)
+    x3, w3 = tensor(16, 256, 32, 32), tensor(256, 256, 3, 3)
+    kernels = {
+        "torch.mm 2048²": (2 * 2048**3, lambda: torch.mm(a, b)),
+        "1×1 convolution 512→512 at 32², batch 32": (
+            2 * 32 * 512 * 512 * 32 * 32,
+            lambda: torch.nn.functional.conv2d(x1, w1),
+        ),
+    }
+    if device.type == "cpu":
+        kernels["3×3 convolution 256→256 at 32², batch 16"] = (
+            2 * 16 * 256 * 256 * 9 * 32 * 32,
+            lambda: torch.nn.functional.conv2d(x3, w3, padding=1),
+        )
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def timed(call):
+        def run() -> None:
+            call()
+            sync()
+
+        return run
+
+    rates = {name: flops / _median_seconds(timed(call), repeats) for name, (flops, call) in kernels.items()}
+    best = max(rates, key=rates.get)
+    return rates[best], best

@@ -12,9 +12,14 @@ and 64 pixels, 64² for 128).
 - ``reference``: ``benchmarks/reference_step.py``, written as the reference implementations write it.
 - ``ours``: the trainer's own ``DDPBackend`` and ``EMA``, built from the default config.
 
+- ``ours, bf16 autocast``: the same with ``trainer.precision=bf16``, where the CPU has bf16 instructions
+  (AVX512-BF16, AMX) or on CUDA; elsewhere oneDNN emulates bf16, far slower, and a note says so.
+
 MFU is the model's FLOPs per step (``torch.utils.flop_counter`` over the reference step: the math
-attention, no padding) over the step's time, over the peak matmul FLOP/s of the precision measured in
-the same run. The ablation at 64 pixels turns our changes on one at a time, cumulatively.
+attention, no padding) over the step's time, over the peak FLOP/s of the precision in use measured in
+the same run (``machine.peak_flops``: the fastest of a matmul, a 1×1 and a 3×3 convolution); HFU is
+the same with the FLOPs each path executes. The ablation at 64 pixels turns our changes on one at a
+time, cumulatively.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from trainer.distributed import Runtime
 from trainer.gan_step import make_backend
 
 NUM_CLASSES = 10
+BF16 = "ours, bf16 autocast"
 ABLATION = {  # cumulative: each row adds one change to the row above
     "reference": ("math", StepOptions()),
     "+ fused Adam, values kept on the device": (
@@ -145,13 +151,18 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = machine.describe()
     result = Result("step", command, machine.headline(info), machine.uptime())
-    peaks = [machine.peak_matmul_flops()]
+    bf16 = machine.has_bf16_instructions(info)
+    peaks = {"fp32": [machine.peak_flops(torch.float32)]}
+    if bf16:
+        peaks["bf16"] = [machine.peak_flops(torch.bfloat16)]
     rows, raw = [], {}
     for resolution in options.resolutions:
         contenders = {
             "reference": reference_step(resolution, "math", StepOptions(), options, device),
             "ours": our_step(resolution, options, device),
         }
+        if bf16:
+            contenders[BF16] = our_step(resolution, options, device, ("trainer.precision=bf16",))
         if options.compile:
             contenders["ours + torch.compile"] = compiled = our_step(
                 resolution, options, device, ("trainer.compile=true",)
@@ -163,9 +174,12 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
             )
         samples = alternate(contenders, warmup=options.warmup, repeats=options.repeats)
         model_flops = flops_of(contenders["reference"])
-        executed = flops_of(contenders["ours"])
+        executed = {name: flops_of(call) for name, call in contenders.items()}
         syncs = {name: host_syncs_of(call) for name, call in contenders.items()}
-        peaks.append(machine.peak_matmul_flops())
+        for precision, measured in peaks.items():
+            measured.append(
+                machine.peak_flops(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[precision]))
+            )
         raw[resolution] = {
             "wall": {n: s.wall for n, s in samples.items()},
             "cpu": {n: s.cpu for n, s in samples.items()},
@@ -175,18 +189,23 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
         }
         base = samples["reference"]
         for name, s in samples.items():
+            peak = max(peaks["bf16" if name == BF16 else "fp32"])[0]
             rows.append([
                 f"{resolution}×{resolution}", name, f"{options.batch / s.seconds:.2f}", f"{s.seconds:.2f} s",
                 f"{s.cpu_seconds:.2f} s", f"{base.seconds / s.seconds:.2f}×", f"{base.cpu_seconds / s.cpu_seconds:.2f}×",
-                syncs[name], f"{(model_flops if name == 'reference' else executed) / 1e9:.0f}",
-                f"{model_flops / s.seconds / max(peaks) * 100:.0f}%",
+                syncs[name], f"{executed[name] / 1e9:.0f}", f"{model_flops / s.seconds / peak * 100:.0f}%",
+                f"{executed[name] / s.seconds / peak * 100:.0f}%",
             ])  # fmt: skip
         print(
             f"{resolution}: "
             + ", ".join(f"{n} {options.batch / s.seconds:.2f} img/s" for n, s in samples.items()),
             flush=True,
         )
-    peak = max(peaks)
+    peak, peak_kernel = max(peaks["fp32"])
+    peak_text = f"peak fp32 {peak / 1e9:.1f} GFLOP/s ({peak_kernel})"
+    if bf16:
+        bf16_peak, bf16_kernel = max(peaks["bf16"])
+        peak_text += f", peak bf16 {bf16_peak / 1e9:.1f} GFLOP/s ({bf16_kernel})"
     result.tables.append(
         Table(
             [
@@ -200,20 +219,24 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
                 "host syncs/step",
                 "GFLOP/step run",
                 "MFU",
+                "HFU",
             ],
             rows,
-            f"fp32, batch {options.batch}, widths {options.width}, {torch.get_num_threads()} thread(s); median of "
-            f"{options.repeats} alternating steps after {options.warmup} warm-up; peak fp32 matmul "
-            f"{peak / 1e9:.1f} GFLOP/s (torch.mm 2048², the best of {len(peaks)} measurements during the run)",
+            f"fp32 unless named, batch {options.batch}, widths {options.width}, {torch.get_num_threads()} "
+            f"thread(s); median of {options.repeats} alternating steps after {options.warmup} warm-up; "
+            f"{peak_text}, the best of {len(peaks['fp32'])} measurements of each during the run",
         )
     )
     result.notes.append(
         "MFU = the model's FLOPs per step (counted over the reference step: explicit attention, 3×3 "
-        "convolutions at full resolution) / step time / peak. *GFLOP/step run* is what each path executes: "
-        "ours pads query and key to the value's width for the fused kernel (more), and folds the 2× "
-        "resampling into strided 4×4 convolutions (fewer). *CPU time* is this process's, all threads."
+        "convolutions at full resolution) / step time / the peak of the precision in use; HFU = the FLOPs "
+        "the path executes (*GFLOP/step run*) / step time / that peak. Ours pads query and key to the "
+        "value's width for the fused kernel (more FLOPs) and folds the 2× resampling into strided 4×4 "
+        "convolutions (fewer), so its MFU is above its HFU. The peak is the fastest of a 2048² matmul, a "
+        "1×1 and a 3×3 convolution (`benchmarks/machine.py`: on AMD CPUs the matmul's BLAS can be far "
+        "below oneDNN's convolutions). *CPU time* is this process's, all threads."
     )
-    if not machine.has_bf16_instructions(info):
+    if not bf16:
         bf16_peak = machine.peak_matmul_flops(torch.bfloat16, size=1024, repeats=2)
         result.notes.append(
             f"bf16 not measured: this CPU has no AVX512-BF16/AMX, oneDNN emulates bf16 (peak bf16 matmul "
@@ -222,7 +245,11 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
     if options.ablation and 64 in options.resolutions:
         table, raw["ablation"] = ablation(options, device)
         result.tables.append(table)
-    result.data = {"peak_fp32_flops": peak, "peaks": peaks, "resolutions": raw}
+    result.data = {
+        "peak_fp32_flops": peak,
+        "peaks": {k: [list(p) for p in v] for k, v in peaks.items()},
+        "resolutions": raw,
+    }
     result.uptime_after = machine.uptime()
     return result
 
@@ -232,6 +259,8 @@ def ablation(options: Options, device: torch.device) -> tuple[Table, dict[str, o
         name: reference_step(64, impl, step, options, device) for name, (impl, step) in ABLATION.items()
     }
     contenders["ours (DDPBackend + EMA, the trainer's path)"] = our_step(64, options, device)
+    if machine.has_bf16_instructions(machine.describe()):
+        contenders["ours + bf16 autocast"] = our_step(64, options, device, ("trainer.precision=bf16",))
     samples = alternate(contenders, warmup=options.warmup, repeats=options.repeats)
     base = previous = samples["reference"]
     rows = []
@@ -241,7 +270,7 @@ def ablation(options: Options, device: torch.device) -> tuple[Table, dict[str, o
             f"{base.seconds / s.seconds:.2f}×", f"{base.cpu_seconds / s.cpu_seconds:.2f}×",
             f"{previous.cpu_seconds / s.cpu_seconds:.2f}×",
         ])  # fmt: skip
-        previous = s if name in ABLATION else previous
+        previous = s
     table = Table(
         [
             "64×64 step",
@@ -252,7 +281,7 @@ def ablation(options: Options, device: torch.device) -> tuple[Table, dict[str, o
             "vs row above (CPU time)",
         ],
         rows,
-        f"Which change gives what: 64×64, fp32, batch {options.batch}, the changes added one at a time "
+        f"Which change gives what: 64×64, fp32 unless named, batch {options.batch}, the changes added one at a time "
         f"(median of {options.repeats} alternating steps, {torch.get_num_threads()} thread(s))",
     )
     return table, {name: {"wall": s.wall, "cpu": s.cpu} for name, s in samples.items()}

@@ -90,22 +90,39 @@ def measure(options: Options, scratch: str) -> dict[str, float]:
 def run(options: Options, command: str = "python -m benchmarks train") -> Result:
     info = machine.describe()
     result = Result("train", command, machine.headline(info), machine.uptime())
-    with tempfile.TemporaryDirectory() as scratch:
-        m = measure(options, scratch)
+    precisions = ("fp32", "bf16") if machine.has_bf16_instructions(info) else ("fp32",)
+    measured = {}
+    for precision in precisions:
+        extra = () if precision == "fp32" else ("trainer.precision=bf16",)
+        with tempfile.TemporaryDirectory() as scratch:
+            measured[precision] = measure(
+                dataclasses.replace(options, overrides=(*options.overrides, *extra)), scratch
+            )
     result.tables.append(
         Table(
-            ["data", "loader workers", "images/s", "data wait", "first step (its data wait)", "whole call"],
+            [
+                "data",
+                "precision",
+                "loader workers",
+                "images/s",
+                "data wait",
+                "first step (its data wait)",
+                "whole call",
+            ],
             [
                 [
                     m["data"],
+                    precision if precision == "fp32" else "bf16 autocast",
                     m["workers"],
                     f"{m['images_per_second']:.1f}",
                     f"{m['data_wait_fraction'] * 100:.2f}%",
                     f"{m['first_step_seconds']:.2f} s ({m['first_step_data_wait']:.2f} s)",
                     f"{m['seconds']:.1f} s",
                 ]
+                for precision, m in measured.items()
             ],
-            f"The default config{' with ' + ' '.join(options.overrides) if options.overrides else ''}: "
+            f"The default config{' with ' + ' '.join(options.overrides) if options.overrides else ''}"
+            f"{' (and with trainer.precision=bf16)' if len(precisions) > 1 else ''}: "
             f"{options.steps} steps after {options.warmup} warm-up, the whole loop (data, D step, G step, EMA, "
             "a log line every 20 steps). Images/s and data wait are over the steps after the first, from the "
             "loop's own step timer (`sagan_step_duration_seconds`, `sagan_data_wait_seconds`); the first step "
@@ -113,11 +130,15 @@ def run(options: Options, command: str = "python -m benchmarks train") -> Result
             "evaluation)",
         )
     )
-    if not machine.has_bf16_instructions(info):
+    if len(precisions) == 1:
         result.notes.append("bf16 not measured: no AVX512-BF16/AMX on this CPU (oneDNN would emulate it).")
-    result.data = m
+    result.data = measured["fp32"] | {"by_precision": measured}
     result.uptime_after = machine.uptime()
-    print(f"{m['images_per_second']:.1f} images/s, data wait {m['data_wait_fraction']:.2%}", flush=True)
+    for precision, m in measured.items():
+        print(
+            f"{precision}: {m['images_per_second']:.1f} images/s, data wait {m['data_wait_fraction']:.2%}",
+            flush=True,
+        )
     return result
 
 
