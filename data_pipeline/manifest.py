@@ -230,6 +230,10 @@ def _int_lists(table: pa.Table, column: str, rows: int) -> list[np.ndarray | Non
     if column not in table.column_names:
         return [None] * rows
     lists = table.column(column).combine_chunks()
+    if not (pa.types.is_list(lists.type) and pa.types.is_integer(lists.type.value_type)):
+        raise ValueError(f"column {column} is {lists.type}, not a list of integers")
+    if lists.values.null_count:
+        raise ValueError(f"column {column} holds nulls inside its lists")
     values = lists.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     bounds = lists.offsets.to_numpy()
     return [None if not lists[i].is_valid else values[bounds[i] : bounds[i + 1]] for i in range(rows)]

@@ -43,13 +43,19 @@ def _number(field: bytes) -> int:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
+    """A pax header's "LENGTH KEY=VALUE\n" records; ShardDamaged for anything else."""
     records, position = {}, 0
-    while position < len(data):
-        space = data.index(b" ", position)
-        length = int(data[position:space])
-        key, _, value = data[space + 1 : position + length - 1].partition(b"=")
-        records[key.decode()] = value.decode("utf-8", "replace")
-        position += length
+    try:
+        while position < len(data):
+            space = data.index(b" ", position)
+            length = int(data[position:space])
+            if length <= space - position or position + length > len(data):
+                raise ValueError(f"a record of {length} bytes at byte {position}")
+            key, _, value = data[space + 1 : position + length - 1].partition(b"=")
+            records[key.decode()] = value.decode("utf-8", "replace")
+            position += length
+    except ValueError:  # no space, a length that is not a number or does not fit, a key not UTF-8
+        raise ShardDamaged("the stream holds a pax header that is not valid") from None
     return records
 
 

@@ -572,6 +572,14 @@ class _S3ObjectReader(io.RawIOBase):
             if exc.response.get("Error", {}).get("Code") != "InvalidRange":
                 raise
             return self.find_size()  # the range starts at or after the object's end
+        if "Range" in args:
+            served = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.get("ContentRange") or "")
+            if served is None or int(served.group(1)) != self.position:
+                response["Body"].close()
+                raise DataError(
+                    f"{self.url}: the server ignored the byte range asked for (bytes {self.position}-, "
+                    f"answered {response.get('ContentRange') or 'the whole object'})"
+                )
         if self.size is None:
             whole = re.search(r"/(\d+)$", response.get("ContentRange") or "")
             self.size = int(whole.group(1)) if whole else int(response["ContentLength"])

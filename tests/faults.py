@@ -3,7 +3,8 @@
 ``FaultProxy`` is an HTTP/1.1 proxy on 127.0.0.1 in front of the moto S3 server. It reads each
 request's head, decides what to do with it and relays the rest byte for byte: pass it on, delay it,
 reset the connection before or after the server ran the request, answer 500 InternalError or 503
-SlowDown itself, or cut the response body short. Decisions come from scripted ``Rule``s (the first
+SlowDown itself, cut the response body short, or (scripted only) drop the request's Range header, as
+an S3-compatible server or a cache that ignores byte ranges does. Decisions come from scripted ``Rule``s (the first
 request that matches) and then from a seeded random ``FaultPlan``.
 
 The process helpers end one rank of a job (``kill_rank``), send a job's process group a signal, and
@@ -178,6 +179,12 @@ class FaultProxy:
                     pump.arm("lost_response")
                 elif kind == "truncate":
                     pump.arm("truncate", rule.truncate_after if rule else None, head_only=method == "HEAD")
+                elif kind == "drop_range":
+                    head = b"".join(
+                        line
+                        for line in head.splitlines(keepends=True)
+                        if not line.lower().startswith(b"range:")
+                    )
                 upstream.sendall(head)
                 for chunk in reader.body(headers):
                     upstream.sendall(chunk)

@@ -225,3 +225,26 @@ def test_parse_size(text, size):
 def test_parse_size_rejects(text):
     with pytest.raises(DataError, match="size"):
         parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pa.array([1] * 3, pa.int64()),  # not lists
+        pa.array([["0", "1"]] * 3, pa.list_(pa.string())),  # lists of strings
+        pa.array([[0, None]] * 3, pa.list_(pa.int64())),  # a null inside a list
+    ],
+    ids=["integers", "strings", "null-inside"],
+)
+def test_a_manifest_whose_sample_index_is_not_lists_of_integers_is_refused(tmp_path, parquet_source, column):
+    out = tmp_path / "out"
+    prepare(f"parquet:{parquet_source}", str(out), shard_size=4096, progress=False)
+    path = out / "manifest.parquet"
+    table = pq.read_table(path)
+    rows = table.num_rows
+    column = pa.concat_arrays([column] * -(-rows // len(column)))[:rows]
+    damaged = table.set_column(table.column_names.index("sample_offsets"), "sample_offsets", column)
+    pq.write_table(damaged.replace_schema_metadata(table.schema.metadata), path)
+    with pytest.raises(DataError, match=r"not a valid dataset manifest.*sample_offsets") as failure:
+        read_manifest(str(out))
+    assert "\n" not in str(failure.value)

@@ -64,3 +64,33 @@ def test_garbage_is_refused():
         list(tar_members(io.BytesIO(b"x" * 2048)))
     with pytest.raises(ShardDamaged, match="inside a tar header"):
         list(tar_members(io.BytesIO(archive(tarfile.USTAR_FORMAT, ["a.png"])[:700])))
+
+
+def pax_archive(records: bytes) -> bytes:
+    """One pax header holding ``records``, then a member "a.png"."""
+
+    def header(name: str, size: int, kind: bytes) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size, info.type = size, kind
+        return info.tobuf(tarfile.USTAR_FORMAT)
+
+    pad = b"\0" * (-len(records) % 512)
+    return header("pax", len(records), tarfile.XHDTYPE) + records + pad + header("a.png", 0, tarfile.REGTYPE)
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        b"0 path=x\n" * 2,
+        b"99 path=x\n",
+        b"-5 path=x\n",
+        b"nine path=x\n",
+        b"no-space-at-all",
+        b"12 \xff\xfe=x\n\n",
+    ],
+    ids=["zero-length", "past-the-end", "negative", "not-a-number", "no-space", "key-not-utf8"],
+)
+def test_a_damaged_pax_header_is_refused_as_damage(records):
+    assert list(tar_members(io.BytesIO(pax_archive(b"10 path=b\n")))) == [("b", b"")]  # a valid one reads
+    with pytest.raises(ShardDamaged, match="pax header that is not valid"):
+        list(tar_members(io.BytesIO(pax_archive(records))))

@@ -200,3 +200,15 @@ def test_a_store_that_keeps_failing_gives_up_naming_the_url(s3_bucket, fault_pro
     with pytest.raises(DataError, match=f"cannot reach s3://{s3_bucket}/data/x after 2 retries") as failure:
         store.write_bytes("x", b"1")
     assert "\n" not in str(failure.value) and store.retries == 2
+
+
+def test_a_server_that_ignores_the_byte_range_is_named_not_misread(s3_bucket, fault_proxy):
+    store = open_store(f"s3://{s3_bucket}/ranges")
+    data = os.urandom(5000)
+    store.write_bytes("x.bin", data)
+    assert store.read_range("x.bin", 100, 200) == (data[100:200], 5000)
+    fault_proxy.add(faults.Rule("drop_range", match=b"x.bin", methods=("GET",)))
+    with pytest.raises(DataError, match=r"ignored the byte range asked for \(bytes 100-") as failure:
+        store.read_range("x.bin", 100, 200)
+    assert "\n" not in str(failure.value) and fault_proxy.faults["drop_range"] == 1
+    assert store.read_range("x.bin", 4990, 6000) == (data[4990:], 5000)  # the rule was used up
