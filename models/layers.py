@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils import parametrize
 
 INIT_SCHEMES = ("orthogonal", "xavier", "normal")
 
@@ -71,6 +72,90 @@ class SNLayers:
         if bias is not None:
             nn.init.zeros_(bias)
         return spectral_norm(layer, n_power_iterations=self.power_iterations, eps=self.eps)
+
+
+class SpectralNorm(nn.Module):
+    """``W / σ(W)``, σ by power iteration (Miyato et al. 2018): torch's spectral-norm parametrization
+    (``torch.nn.utils.parametrizations.spectral_norm``, dim 0) with the same buffers, the same start
+    (u, v drawn alike, then 15 iterations) and the same arithmetic, but a channels_last conv weight's
+    matrix is a view instead of a copy.
+
+    torch flattens a weight to its matrix with ``weight.flatten(1)``, a copy of the whole weight at every
+    forward when the weight is NHWC (``trainer.channels_last``). Here such a weight's matrix is
+    ``weight.permute(0, 2, 3, 1).flatten(1)``, its columns in (kh, kw, in) order, a view: σ does not
+    depend on the order of the columns, and v is permuted to match, a copy of one vector. ``_v`` keeps
+    the (in, kh, kw) order in either layout, so a state dict means the same whatever layout saved or
+    loads it, and is interchangeable with torch's.
+    """
+
+    def __init__(self, weight: Tensor, n_power_iterations: int = 1, eps: float = 1e-12) -> None:
+        super().__init__()
+        if weight.ndim < 2:
+            raise ValueError(
+                f"spectral norm needs a weight of 2 or more dimensions, not {tuple(weight.shape)}"
+            )
+        if n_power_iterations <= 0:
+            raise ValueError(f"n_power_iterations={n_power_iterations} must be > 0")
+        self.n_power_iterations, self.eps = n_power_iterations, eps
+        rows, columns = weight.shape[0], weight[0].numel()
+        u = weight.new_empty(rows).normal_(0, 1)
+        v = weight.new_empty(columns).normal_(0, 1)
+        self.register_buffer("_u", F.normalize(u, dim=0, eps=eps))
+        self.register_buffer("_v", F.normalize(v, dim=0, eps=eps))
+        self._power_method(weight.detach(), 15)
+
+    @staticmethod
+    def _is_nhwc(weight: Tensor) -> bool:
+        return (
+            weight.ndim == 4
+            and not weight.is_contiguous()
+            and weight.is_contiguous(memory_format=torch.channels_last)
+        )
+
+    def _matrix_and_v(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """The weight as a matrix (a view where the layout allows) and v in that matrix's column order."""
+        if self._is_nhwc(weight):
+            _, inputs, kh, kw = weight.shape
+            return weight.permute(0, 2, 3, 1).flatten(1), self._v.view(inputs, kh, kw).permute(
+                1, 2, 0
+            ).flatten()
+        return weight.flatten(1), self._v
+
+    @torch.no_grad()
+    def _power_method(self, weight: Tensor, iterations: int) -> Tensor:
+        """``iterations`` steps of power iteration, in place on u and v; v in the matrix's column order."""
+        matrix, v = self._matrix_and_v(weight)
+        for _ in range(iterations):
+            self._u = F.normalize(torch.mv(matrix, v), dim=0, eps=self.eps, out=self._u)
+            v = F.normalize(torch.mv(matrix.H, self._u), dim=0, eps=self.eps, out=v)
+        if v is not self._v:
+            _, inputs, kh, kw = weight.shape
+            self._v.copy_(v.view(kh, kw, inputs).permute(2, 0, 1).flatten())
+        return v
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.training:
+            v = self._power_method(weight, self.n_power_iterations)
+            matrix = self._matrix_and_v(weight)[0]
+        else:
+            matrix, v = self._matrix_and_v(weight)
+        # u and v are updated in place by the next power iteration: the graph keeps copies of them
+        u = self._u.clone(memory_format=torch.contiguous_format)
+        v = v.clone(memory_format=torch.contiguous_format)
+        sigma = torch.vdot(u, torch.mv(matrix, v))
+        return weight / sigma
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value
+
+
+def spectral_norm(module: Layer, *, n_power_iterations: int = 1, eps: float = 1e-12) -> Layer:
+    """``module.weight`` spectral-normed by ``SpectralNorm``, registered as torch's is: the state dict
+    keys are torch's (``parametrizations.weight.original``, ``parametrizations.weight.0._u``, ``._v``)."""
+    parametrize.register_parametrization(
+        module, "weight", SpectralNorm(module.weight, n_power_iterations=n_power_iterations, eps=eps)
+    )
+    return module
 
 
 class ConditionalBatchNorm2d(nn.Module):

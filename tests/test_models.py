@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import SelfAttention2d
-from models.layers import ConditionalBatchNorm2d, SNLayers
+from models.layers import ConditionalBatchNorm2d, SNLayers, SpectralNorm
 from models.losses import d_hinge_loss, g_hinge_loss
 from models.sagan import Discriminator, Generator, ModelConfig, attention_gammas, build_models
 
@@ -139,7 +139,7 @@ def test_every_conv_linear_and_embedding_is_spectral_normed() -> None:
     ]
     assert len(weighted) > 20
     for layer in weighted:
-        assert type(layer.parametrizations.weight[0]).__name__ == "_SpectralNorm"
+        assert isinstance(layer.parametrizations.weight[0], SpectralNorm)
         assert layer.parametrizations.weight[0].eps == 1e-6
 
 
