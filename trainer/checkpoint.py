@@ -427,10 +427,14 @@ class Checkpointer:
             return
         # A daemon: a run that fails exits at once, as a distributed one does, rather than after an upload
         # that may take minutes (an uncommitted checkpoint is invisible; LATEST names the previous one).
+        # The thread waits for `go` before its first instruction of work: started, it would hold the GIL
+        # while Thread.start() waits to reacquire it, up to a whole switch interval (5 ms) of stall.
+        go = threading.Event()
         self._thread = threading.Thread(
-            target=self._write, args=(job,), name=f"checkpoint-step_{step}", daemon=True
+            target=self._write_when, args=(go, job), name=f"checkpoint-step_{step}", daemon=True
         )
         self._thread.start()
+        go.set()
 
     @property
     def busy(self) -> bool:
@@ -455,6 +459,10 @@ class Checkpointer:
             self._thread.join()
             self._thread = None
         return job
+
+    def _write_when(self, go: threading.Event, job: _Save) -> None:
+        go.wait()
+        self._write(job)
 
     def _write(self, job: _Save) -> None:
         """Serialise once, then upload and commit, retrying with backoff; then purge. Never raises."""
