@@ -41,6 +41,7 @@ from models.sagan import build_models
 from trainer.config import load_config
 from trainer.distributed import Runtime
 from trainer.gan_step import make_backend
+from trainer.host_memory import keep_freed_memory
 
 NUM_CLASSES = 10
 BF16 = "ours, bf16 autocast"
@@ -151,6 +152,11 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = machine.describe()
     result = Result("step", command, machine.headline(info), machine.uptime())
+    if keep_freed_memory():  # as the trainer does (trainer.keep_host_memory), for every contender alike
+        result.notes.append(
+            "Host memory: glibc's malloc keeps freed blocks for the next step (`trainer/host_memory.py`), "
+            "as the trainer sets it, for all contenders."
+        )
     bf16 = machine.has_bf16_instructions(info)
     peaks = {"fp32": [machine.peak_flops(torch.float32)]}
     if bf16:

@@ -50,6 +50,7 @@ class TrainerConfig:
     nonfinite_max_reloads: int = 3  # then the run stops: it diverges
     channels_last: bool = True  # NHWC weights and activations (ddp backend): faster convolutions
     compile: bool = False  # torch.compile the step's passes (ddp backend); eager when it cannot
+    keep_host_memory: bool = True  # glibc: freed host memory kept for the next step (trainer/host_memory.py)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from trainer.coordination import ControlGroup
 from trainer.distributed import Runtime
 from trainer.evaluation import Evaluator, eval_result_name
 from trainer.gan_step import make_backend
+from trainer.host_memory import keep_freed_memory
 from trainer.metrics import Metrics
 from trainer.nonfinite import Diverged, NonFiniteGuard
 from trainer.preemption import EXIT_SECONDS, Preempted, Preemption
@@ -93,6 +94,8 @@ class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime):
         self.cfg, self.runtime = cfg, runtime
         t = cfg.trainer
+        if t.keep_host_memory:
+            keep_freed_memory()  # before the run's first large allocation; a no-op without glibc
         if t.global_batch_size < runtime.world_size:
             raise ConfigError(
                 f"trainer.global_batch_size={t.global_batch_size} is smaller than the world size "
