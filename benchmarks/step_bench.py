@@ -45,6 +45,7 @@ from trainer.host_memory import keep_freed_memory
 
 NUM_CLASSES = 10
 BF16 = "ours, bf16 autocast"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ABLATION = {  # cumulative: each row adds one change to the row above
     "reference": ("math", StepOptions()),
     "+ fused Adam, values kept on the device": (
@@ -158,9 +159,11 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
             "as the trainer sets it, for all contenders."
         )
     bf16 = machine.has_bf16_instructions(info)
-    peaks = {"fp32": [machine.peak_flops(torch.float32)]}
-    if bf16:
-        peaks["bf16"] = [machine.peak_flops(torch.bfloat16)]
+    peaks = {
+        precision: [machine.peak_flops(DTYPES[precision])]
+        for precision in DTYPES
+        if bf16 or precision == "fp32"
+    }
     rows, raw = [], {}
     for resolution in options.resolutions:
         contenders = {
@@ -183,9 +186,7 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
         executed = {name: flops_of(call) for name, call in contenders.items()}
         syncs = {name: host_syncs_of(call) for name, call in contenders.items()}
         for precision, measured in peaks.items():
-            measured.append(
-                machine.peak_flops(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[precision]))
-            )
+            measured.append(machine.peak_flops(DTYPES[precision]))
         raw[resolution] = {
             "wall": {n: s.wall for n, s in samples.items()},
             "cpu": {n: s.cpu for n, s in samples.items()},
@@ -249,7 +250,7 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
             f"{bf16_peak / 1e9:.2f} GFLOP/s vs fp32 {peak / 1e9:.1f}), so a bf16 ratio would mislead."
         )
     if options.ablation and 64 in options.resolutions:
-        table, raw["ablation"] = ablation(options, device)
+        table, raw["ablation"] = ablation(options, device, bf16)
         result.tables.append(table)
     result.data = {
         "peak_fp32_flops": peak,
@@ -260,12 +261,12 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
     return result
 
 
-def ablation(options: Options, device: torch.device) -> tuple[Table, dict[str, object]]:
+def ablation(options: Options, device: torch.device, bf16: bool) -> tuple[Table, dict[str, object]]:
     contenders = {
         name: reference_step(64, impl, step, options, device) for name, (impl, step) in ABLATION.items()
     }
     contenders["ours (DDPBackend + EMA, the trainer's path)"] = our_step(64, options, device)
-    if machine.has_bf16_instructions(machine.describe()):
+    if bf16:
         contenders["ours + bf16 autocast"] = our_step(64, options, device, ("trainer.precision=bf16",))
     samples = alternate(contenders, warmup=options.warmup, repeats=options.repeats)
     base = previous = samples["reference"]

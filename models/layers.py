@@ -102,7 +102,8 @@ class SpectralNorm(nn.Module):
         v = weight.new_empty(columns).normal_(0, 1)
         self.register_buffer("_u", F.normalize(u, dim=0, eps=eps))
         self.register_buffer("_v", F.normalize(v, dim=0, eps=eps))
-        self._power_method(weight.detach(), 15)
+        weight = weight.detach()
+        self._power_method(weight, *self._matrix_and_v(weight), 15)
 
     @staticmethod
     def _is_nhwc(weight: Tensor) -> bool:
@@ -122,9 +123,9 @@ class SpectralNorm(nn.Module):
         return weight.flatten(1), self._v
 
     @torch.no_grad()
-    def _power_method(self, weight: Tensor, iterations: int) -> Tensor:
-        """``iterations`` steps of power iteration, in place on u and v; v in the matrix's column order."""
-        matrix, v = self._matrix_and_v(weight)
+    def _power_method(self, weight: Tensor, matrix: Tensor, v: Tensor, iterations: int) -> Tensor:
+        """``iterations`` steps of power iteration on ``matrix`` (``weight``'s, from ``_matrix_and_v``),
+        in place on u and v; returns v in the matrix's column order."""
         for _ in range(iterations):
             self._u = F.normalize(torch.mv(matrix, v), dim=0, eps=self.eps, out=self._u)
             v = F.normalize(torch.mv(matrix.H, self._u), dim=0, eps=self.eps, out=v)
@@ -134,11 +135,9 @@ class SpectralNorm(nn.Module):
         return v
 
     def forward(self, weight: Tensor) -> Tensor:
+        matrix, v = self._matrix_and_v(weight)
         if self.training:
-            v = self._power_method(weight, self.n_power_iterations)
-            matrix = self._matrix_and_v(weight)[0]
-        else:
-            matrix, v = self._matrix_and_v(weight)
+            v = self._power_method(weight, matrix, v, self.n_power_iterations)
         # u and v are updated in place by the next power iteration: the graph keeps copies of them
         u = self._u.clone(memory_format=torch.contiguous_format)
         v = v.clone(memory_format=torch.contiguous_format)
