@@ -110,6 +110,9 @@ def test_ten_random_kill_9s_of_a_rank_and_the_elastic_job_still_finishes(digits_
                 lambda t=target: (checkpoints.pointer() or 0) >= t, f"step {target}", [job], timeout=120
             )
             time.sleep(rng.uniform(0.0, 0.3))
+            # the step can be committed by a save still in flight when the last kill landed, while the
+            # ranks are being restarted: kill one of a running pair, not of a pair being replaced
+            wait_until(lambda: len(workers_of(job.pid)) == 2, "two running ranks", [job], timeout=120)
             workers = workers_of(job.pid)
             rank = rng.choice(sorted(workers))
             killed.append((rank, checkpoints.pointer()))
