@@ -1,8 +1,9 @@
 """The baseline: one GAN step written the way the reference implementations write it.
 
 BigGAN-PyTorch and the SAGAN reference code use the explicit softmax(QKᵀ)V attention, fp32,
-contiguous NCHW tensors, torch's per-parameter Adam, D run twice (over the real and over the fake
-images), the losses read on the host every step for logging, and EMA one parameter at a time.
+contiguous NCHW tensors, batch norm, class gain and bias and ReLU as separate ops, torch's
+per-parameter Adam, D run twice (over the real and over the fake images), the losses read on the
+host every step for logging, and EMA one parameter at a time.
 Each of our changes is a switch here, so a benchmark can turn them on one at a time and see what
 each one gives; the attention kernel is the models' (``attention_impl``).
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.layers import ConditionalBatchNorm2d
 from models.losses import d_hinge_loss, g_hinge_loss
 
 
@@ -27,6 +29,7 @@ class StepOptions:
     fused_resample: bool = (
         False  # upsample+conv and conv+avgpool as one strided 4x4 conv (models/resample.py)
     )
+    fused_cbn: bool = False  # G's batch norm, class gain and bias, ReLU as one autograd function
 
 
 class ReferenceStep:
@@ -37,6 +40,8 @@ class ReferenceStep:
         for block in (*G.modules(), *D.modules()):
             if hasattr(block, "fused_resample"):
                 block.fused_resample = options.fused_resample
+            if isinstance(block, ConditionalBatchNorm2d):
+                block.fused = options.fused_cbn
         memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         self.G, self.D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
         self.memory_format = memory_format

@@ -81,6 +81,18 @@ ABLATION = {  # cumulative: each row adds one change to the row above
             fused_resample=True,
         ),
     ),
+    "+ conditional BN, gain, bias and ReLU as one autograd function": (
+        "sdpa",
+        StepOptions(
+            fused_adam=True,
+            device_values=True,
+            one_d_pass=True,
+            foreach_ema=True,
+            channels_last=True,
+            fused_resample=True,
+            fused_cbn=True,
+        ),
+    ),
 }
 
 

@@ -111,9 +111,9 @@ class GBlock(nn.Module):
         self.shortcut = layers.conv(stage.in_channels, stage.out_channels, 1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        h = F.relu(self.bn1(x, y))
+        h = self.bn1(x, y, relu=True)
         h = upsample_conv3x3(h, self.conv1) if self.fused_resample else self.conv1(upsample(h))
-        h = self.conv2(F.relu(self.bn2(h, y)))
+        h = self.conv2(self.bn2(h, y, relu=True))
         # A 1x1 conv commutes with nearest upsampling, so convolve the 4x smaller map first.
         return h + upsample(self.shortcut(x))
 

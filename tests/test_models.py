@@ -203,6 +203,41 @@ def test_conditional_batch_norm_uses_batch_statistics_in_training() -> None:
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_conditional_batch_norm_equals_the_separate_ops(relu, momentum, memory_format) -> None:
+    """Outputs, every gradient and the running statistics of the one-function form match batch norm,
+    multiply, add and ReLU run separately (in float64, to round-off)."""
+    torch.manual_seed(0)
+    x = (torch.randn(6, 5, 4, 3, dtype=torch.float64) * 2 + 0.5).contiguous(memory_format=memory_format)
+    y, grad = torch.tensor([0, 2, 1, 2, 0, 0]), torch.randn(6, 5, 4, 3, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(1)
+        cbn = ConditionalBatchNorm2d(5, 3, momentum=momentum).double()
+        cbn.fused = fused
+        x_ = x.clone().requires_grad_()
+        outputs = [cbn(x_, y, relu=relu) for _ in range(2)]  # two batches: the running update twice
+        torch.autograd.backward(outputs, [grad, grad.flip(0)])
+        buffers = [cbn.bn.running_mean, cbn.bn.running_var, cbn.bn.num_batches_tracked]
+        results.append([*outputs, x_.grad, *(p.grad for p in cbn.parameters()), *buffers])
+    assert (results[0][0] == 0).any() == relu
+    assert results[0][0].is_contiguous(memory_format=memory_format)
+    for fused, separate in zip(*results):
+        torch.testing.assert_close(fused, separate, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_conditional_batch_norm_under_bf16_autocast_keeps_the_dtypes() -> None:
+    cbn = ConditionalBatchNorm2d(4, 3)
+    x, y = torch.randn(4, 4, 3, 3).bfloat16().requires_grad_(), torch.tensor([0, 1, 2, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = cbn(x, y, relu=True)
+    out.float().sum().backward()
+    assert out.dtype == torch.float32 and x.grad.dtype == torch.bfloat16  # as the separate ops promote
+    assert torch.isfinite(x.grad.float()).all() and cbn.gain.parametrizations.weight.original.grad is not None
+
+
 # --- losses ----------------------------------------------------------------------------------------
 
 
