@@ -219,6 +219,7 @@ def test_fused_conditional_batch_norm_equals_the_separate_ops(relu, momentum, me
         cbn.fused = fused
         x_ = x.clone().requires_grad_()
         outputs = [cbn(x_, y, relu=relu) for _ in range(2)]  # two batches: the running update twice
+        assert (type(outputs[0].grad_fn).__name__ == "_BatchNormAffineBackward") == fused
         torch.autograd.backward(outputs, [grad, grad.flip(0)])
         buffers = [cbn.bn.running_mean, cbn.bn.running_var, cbn.bn.num_batches_tracked]
         results.append([*outputs, x_.grad, *(p.grad for p in cbn.parameters()), *buffers])

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from models.layers import SNLayers
-from models.resample import FUSED_MIN_SIZE, conv3x3_avgpool, upsample, upsample_conv3x3
+from models.resample import (
+    FUSED_MIN_SIZE,
+    conv3x3_avgpool,
+    spread,
+    transposed_kernel,
+    upsample,
+    upsample_conv3x3,
+)
 
 
 def spectral_normed_conv(in_channels: int, out_channels: int) -> torch.nn.Conv2d:
@@ -46,3 +53,17 @@ def test_small_maps_take_the_two_op_form():
     x = torch.randn(2, 4, FUSED_MIN_SIZE // 2, FUSED_MIN_SIZE // 2, dtype=torch.float64)
     assert torch.equal(upsample_conv3x3(x, conv), conv(upsample(x)))
     assert torch.equal(conv3x3_avgpool(x, conv), F.avg_pool2d(conv(x), 2))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_kernels_come_out_in_the_weights_layout_with_the_two_op_values(memory_format):
+    """The 4×4 kernels are built in the layout a convolution takes without a reorder: the weight's own,
+    and for the transposed conv the (in, out) kernel channels-last when the weight is."""
+    weight = torch.randn(6, 5, 3, 3, dtype=torch.float64).contiguous(memory_format=memory_format)
+    padded = F.pad(weight, (1, 1, 1, 1))
+    windows = sum(padded[..., i : i + 4, j : j + 4] for i in (0, 1) for j in (0, 1))  # 2×2 sums
+    torch.testing.assert_close(spread(weight), windows, rtol=0, atol=1e-12)
+    kernel = transposed_kernel(weight)
+    torch.testing.assert_close(kernel, windows.flip(-2, -1).transpose(0, 1), rtol=0, atol=1e-12)
+    assert spread(weight).is_contiguous(memory_format=memory_format)
+    assert kernel.shape == (5, 6, 4, 4) and kernel.is_contiguous(memory_format=memory_format)
