@@ -46,54 +46,30 @@ from trainer.host_memory import keep_freed_memory
 NUM_CLASSES = 10
 BF16 = "ours, bf16 autocast"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ABLATION = {  # cumulative: each row adds one change to the row above
-    "reference": ("math", StepOptions()),
-    "+ fused Adam, values kept on the device": (
-        "math",
-        StepOptions(fused_adam=True, device_values=True),
-    ),
-    "+ one D pass over real and fake": (
-        "math",
-        StepOptions(fused_adam=True, device_values=True, one_d_pass=True),
-    ),
-    "+ fused attention (padded SDPA)": (
-        "sdpa",
-        StepOptions(fused_adam=True, device_values=True, one_d_pass=True),
-    ),
-    "+ EMA with torch._foreach_lerp_": (
-        "sdpa",
-        StepOptions(fused_adam=True, device_values=True, one_d_pass=True, foreach_ema=True),
-    ),
-    "+ channels_last": (
-        "sdpa",
-        StepOptions(
-            fused_adam=True, device_values=True, one_d_pass=True, foreach_ema=True, channels_last=True
-        ),
-    ),
-    "+ resampling folded into strided 4×4 convolutions": (
-        "sdpa",
-        StepOptions(
-            fused_adam=True,
-            device_values=True,
-            one_d_pass=True,
-            foreach_ema=True,
-            channels_last=True,
-            fused_resample=True,
-        ),
-    ),
-    "+ conditional BN, gain, bias and ReLU as one autograd function": (
-        "sdpa",
-        StepOptions(
-            fused_adam=True,
-            device_values=True,
-            one_d_pass=True,
-            foreach_ema=True,
-            channels_last=True,
-            fused_resample=True,
-            fused_cbn=True,
-        ),
-    ),
-}
+
+
+def cumulative(rows: list[tuple[str, str | None, dict[str, bool]]]) -> dict[str, tuple[str, StepOptions]]:
+    """(name, attention kernel or None for the row above's, the switches it turns on) -> each row's
+    (kernel, options), every row keeping the changes of the rows above it."""
+    table, kernel, options = {}, "math", StepOptions()
+    for name, attention, switches in rows:
+        kernel, options = attention or kernel, dataclasses.replace(options, **switches)
+        table[name] = (kernel, options)
+    return table
+
+
+ABLATION = cumulative(
+    [
+        ("reference", None, {}),
+        ("+ fused Adam, values kept on the device", None, {"fused_adam": True, "device_values": True}),
+        ("+ one D pass over real and fake", None, {"one_d_pass": True}),
+        ("+ fused attention (padded SDPA)", "sdpa", {}),
+        ("+ EMA with torch._foreach_lerp_", None, {"foreach_ema": True}),
+        ("+ channels_last", None, {"channels_last": True}),
+        ("+ resampling folded into strided 4×4 convolutions", None, {"fused_resample": True}),
+        ("+ conditional BN, gain, bias and ReLU as one autograd function", None, {"fused_cbn": True}),
+    ]
+)
 
 
 @dataclasses.dataclass
