@@ -3,12 +3,13 @@
     python -m benchmarks                        # all of them (make bench): about an hour on 2 busy cores
     python -m benchmarks step attention         # the named ones
     python -m benchmarks step --compile         # the step benchmark with a torch.compile contender too
-    python -m benchmarks --quick --no-doc       # tiny sizes: checks the machinery in a minute or two
+    python -m benchmarks --quick                # tiny sizes: checks the machinery in a minute or two
 
 Each benchmark prints the CPU model, its bf16 instructions, the thread count and ``uptime`` before
 and after (the machine may be shared: contenders alternate in one process so that both see the same
 load), then its table. Results go to ``benchmarks/results/NAME.json`` and the tables replace the text
-between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in docs/performance.md.
+between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in docs/performance.md. A ``--quick`` run
+writes its JSON to ``runs/bench-quick/`` and no tables, unless ``--results`` or ``--doc`` say otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from benchmarks import (
     train_bench,
 )
 
+QUICK_RESULTS = report.ROOT / "runs" / "bench-quick"
 NAMES = ("step", "attention", "train", "data", "checkpoint", "scaling")
 
 
@@ -75,7 +77,7 @@ RUNNERS = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(NAMES)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that everything runs")
@@ -85,12 +87,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="step: add our path under torch.compile")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/performance.md")
-    parser.add_argument("--results", type=Path, default=report.RESULTS, help="folder for the JSON results")
-    parser.add_argument("--doc", type=Path, default=report.DOC, help="the markdown file to write tables into")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="folder for the JSON results (default: benchmarks/results; with --quick, runs/bench-quick)",
+    )
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        help="the markdown file to write tables into (default: docs/performance.md; with --quick, none)",
+    )
     args = parser.parse_args(argv)
+    # A --quick run's tiny numbers never replace the committed results or tables unless asked to.
+    if args.results is None:
+        args.results = QUICK_RESULTS if args.quick else report.RESULTS
+    if args.doc is None and args.quick:
+        args.no_doc = True
+    args.doc = args.doc or report.DOC
     unknown = [name for name in args.names if name not in NAMES]
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(NAMES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     command = shlex.join(["python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])])

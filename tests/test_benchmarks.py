@@ -32,3 +32,16 @@ def test_entry_point_writes_json_and_replaces_its_doc_section(tmp_path):
     assert "`python -m benchmarks attention --quick" in section
     assert "| 16×16 | 256 | fused | flash_attention |" in section
     assert "| 16×16 | 256 | math | softmax(QKᵀ)V |" in section
+
+
+def test_a_quick_run_leaves_the_committed_results_and_tables_alone_unless_asked(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ is run from the checkout, not installed
+    from benchmarks import report
+    from benchmarks.__main__ import QUICK_RESULTS, parse_args
+
+    full = parse_args(["step"])
+    assert (full.results, full.doc, full.no_doc) == (report.RESULTS, report.DOC, False)
+    quick = parse_args(["step", "--quick"])
+    assert quick.results == QUICK_RESULTS and quick.no_doc and QUICK_RESULTS != report.RESULTS
+    asked = parse_args(["--quick", "--results", "out", "--doc", "doc.md"])
+    assert (asked.results, asked.doc, asked.no_doc) == (Path("out"), Path("doc.md"), False)
