@@ -15,6 +15,15 @@ INIT_SCHEMES = ("orthogonal", "xavier", "normal")
 Layer = TypeVar("Layer", nn.Conv2d, nn.Linear, nn.Embedding)
 
 
+def is_nhwc(weight: Tensor) -> bool:
+    """A 4-d tensor laid out channels-last (and not also standard, as size-1 dims can make it)."""
+    return (
+        weight.ndim == 4
+        and not weight.is_contiguous()
+        and weight.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def check_init(init: str, key: str = "init") -> None:
     if init not in INIT_SCHEMES:
         raise ValueError(f"{key}={init!r} is not a known weight init; use one of {', '.join(INIT_SCHEMES)}")
@@ -105,17 +114,9 @@ class SpectralNorm(nn.Module):
         weight = weight.detach()
         self._power_method(weight, *self._matrix_and_v(weight), 15)
 
-    @staticmethod
-    def _is_nhwc(weight: Tensor) -> bool:
-        return (
-            weight.ndim == 4
-            and not weight.is_contiguous()
-            and weight.is_contiguous(memory_format=torch.channels_last)
-        )
-
     def _matrix_and_v(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """The weight as a matrix (a view where the layout allows) and v in that matrix's column order."""
-        if self._is_nhwc(weight):
+        if is_nhwc(weight):
             _, inputs, kh, kw = weight.shape
             return weight.permute(0, 2, 3, 1).flatten(1), self._v.view(inputs, kh, kw).permute(
                 1, 2, 0

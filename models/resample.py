@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.layers import is_nhwc
+
 FUSED_MIN_SIZE = 8
 
 
@@ -33,8 +35,7 @@ def upsample(x: Tensor) -> Tensor:
 
 def memory_format_of(weight: Tensor) -> torch.memory_format:
     """channels_last for an NHWC-strided 4-d tensor, else the standard layout."""
-    nhwc = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if nhwc and not weight.is_contiguous() else torch.contiguous_format
+    return torch.channels_last if is_nhwc(weight) else torch.contiguous_format
 
 
 class _Spread(torch.autograd.Function):
