@@ -13,9 +13,10 @@ On very small maps the two-op form is faster (oneDNN on AVX2, this repository's 
 The 4×4 kernels are built in the weight's memory layout, where a convolution takes them without a
 reorder: ``spread`` writes the four shifted copies of the 3×3 kernel into one zeroed tensor (its
 gradient is the sum of the four windows), and the transposed convolution's (in, out) kernel is
-spread from the transposed 3×3 weight, so the copy that transposes runs over 9 taps instead of 16 and
-the kernel comes out channels-last when the weight is. On a CPU with the 512→256 kernel of G's 8×8
-block that is a fifth of the transposed convolution's forward and backward (``docs/performance.md``).
+spread from the transposed 3×3 weight, transposed one tap at a time (a 2-d transpose, which torch
+blocks for the cache, where a permuted copy of the whole weight does not), so it comes out
+channels-last when the weight is. The transposed convolution's bias gradient is one sum over the
+output gradient (``_UpConv``), not torch's oneDNN one. ``docs/performance.md`` has what each gave.
 """
 
 from __future__ import annotations
@@ -38,25 +39,91 @@ def memory_format_of(weight: Tensor) -> torch.memory_format:
     return torch.channels_last if is_nhwc(weight) else torch.contiguous_format
 
 
-class _Spread(torch.autograd.Function):
-    """(..., 3, 3) -> (..., 4, 4) times ``scale``: four in-place window adds into one zeroed tensor of the
-    weight's layout (no constants, so nothing is copied to the device); backward, the windows' sum."""
+def _spread(weight: Tensor, scale: float) -> Tensor:
+    """(..., 3, 3) -> (..., 4, 4) times ``scale``, in the weight's layout: four in-place window adds into one
+    zeroed tensor (no constants, so nothing is copied to the device)."""
+    shape = (*weight.shape[:-2], 4, 4)
+    layout = {"dtype": weight.dtype, "device": weight.device, "memory_format": memory_format_of(weight)}
+    out = torch.empty(shape, **layout).zero_()
+    for row in (0, 1):
+        for col in (0, 1):
+            out[..., row : row + 3, col : col + 3].add_(weight, alpha=scale)
+    return out
 
+
+def _window_sum(grad: Tensor, scale: float) -> Tensor:
+    """The adjoint of ``_spread``: each 3×3 tap the sum of the four 4×4 taps it was added to."""
+    windows = grad[..., :3, :3] + grad[..., 1:, :3] + grad[..., :3, 1:] + grad[..., 1:, 1:]
+    return windows * scale if scale != 1 else windows
+
+
+def _transpose_flip(weight: Tensor) -> Tensor:
+    """(a, b, 3, 3) -> (b, a, 3, 3) with both spatial axes reversed, in the weight's layout, as one 2-d
+    transpose per tap: a permuted copy of the whole weight (``.transpose(0, 1).contiguous(...)``) is
+    several times slower once the weight outgrows the cache (8.3 vs 1.6 ms for a 512×512 channels-last
+    weight on the benchmark machine). Its own adjoint."""
+    out = torch.empty(
+        (weight.shape[1], weight.shape[0], 3, 3),
+        dtype=weight.dtype,
+        device=weight.device,
+        memory_format=memory_format_of(weight),
+    )
+    for row in range(3):
+        for col in range(3):
+            out[:, :, row, col].copy_(weight[:, :, 2 - row, 2 - col].t())
+    return out
+
+
+class _Spread(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, scale: float) -> Tensor:
         ctx.scale = scale
-        shape = (*weight.shape[:-2], 4, 4)
-        layout = {"dtype": weight.dtype, "device": weight.device, "memory_format": memory_format_of(weight)}
-        out = torch.empty(shape, **layout).zero_()
-        for row in (0, 1):
-            for col in (0, 1):
-                out[..., row : row + 3, col : col + 3].add_(weight, alpha=scale)
-        return out
+        return _spread(weight, scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        windows = grad[..., :3, :3] + grad[..., 1:, :3] + grad[..., :3, 1:] + grad[..., 1:, 1:]
-        return windows * ctx.scale if ctx.scale != 1 else windows, None
+        return _window_sum(grad, ctx.scale), None
+
+
+class _TransposedKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: Tensor) -> Tensor:
+        return _spread(_transpose_flip(weight), 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _transpose_flip(_window_sum(grad, 1.0))
+
+
+class _UpConv(torch.autograd.Function):
+    """``conv_transpose2d(x, kernel, bias, stride=2, padding=1)`` whose backward takes the bias gradient as
+    one sum: torch's oneDNN transposed-convolution backward computes it several times slower (on G's
+    32→64 block, 9.4 ms against 0.5 ms for the sum, 40% on top of the input and kernel gradients). Under
+    autocast it runs in the autocast dtype, as ``conv_transpose2d`` would."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel: Tensor, bias: Tensor | None) -> Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, kernel = x.to(dtype), kernel.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            out = F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
+        ctx.save_for_backward(x, kernel)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, kernel = ctx.saved_tensors
+        needs_x, needs_kernel, needs_bias = ctx.needs_input_grad
+        grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
+            grad.to(x.dtype), x, kernel, None, [2, 2], [1, 1], [1, 1], True, [0, 0], 1,
+            [needs_x, needs_kernel, False],
+        )  # fmt: skip
+        grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and needs_bias else None
+        return grad_x, grad_kernel, grad_bias
 
 
 def spread(weight: Tensor, scale: float = 1.0) -> Tensor:
@@ -66,10 +133,9 @@ def spread(weight: Tensor, scale: float = 1.0) -> Tensor:
 
 def transposed_kernel(weight: Tensor) -> Tensor:
     """The (in, out, 4, 4) kernel of ``conv_transpose2d`` equal to nearest 2× upsampling then the 3×3
-    ``weight`` (out, in, 3, 3): spread of the flipped taps, transposed before spreading (9 taps to move,
-    not 16) into the weight's layout."""
-    transposed = weight.transpose(0, 1).contiguous(memory_format=memory_format_of(weight))
-    return spread(transposed.flip(-2, -1))
+    ``weight`` (out, in, 3, 3), in the weight's layout: the flipped taps transposed (9 taps to move, not 16),
+    then spread."""
+    return _TransposedKernel.apply(weight)
 
 
 def upsample_conv3x3(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -77,7 +143,7 @@ def upsample_conv3x3(x: Tensor, conv: nn.Conv2d) -> Tensor:
     if min(x.shape[-2:]) < FUSED_MIN_SIZE:
         return conv(upsample(x))
     kernel = transposed_kernel(conv.weight)  # spectral norm runs once, at .weight
-    return F.conv_transpose2d(x, kernel, conv.bias, stride=2, padding=1)
+    return _UpConv.apply(x, kernel, conv.bias)
 
 
 def conv3x3_avgpool(x: Tensor, conv: nn.Conv2d) -> Tensor:

@@ -67,3 +67,25 @@ def test_kernels_come_out_in_the_weights_layout_with_the_two_op_values(memory_fo
     torch.testing.assert_close(kernel, windows.flip(-2, -1).transpose(0, 1), rtol=0, atol=1e-12)
     assert spread(weight).is_contiguous(memory_format=memory_format)
     assert kernel.shape == (5, 6, 4, 4) and kernel.is_contiguous(memory_format=memory_format)
+
+
+def test_upsample_conv_under_bf16_autocast_matches_the_two_ops():
+    """Under autocast the transposed convolution runs in bf16, as the two ops' convolution does, and its
+    gradients reach x, the weight and the bias in their own dtypes."""
+    torch.manual_seed(0)
+    conv = SNLayers().conv(8, 4).eval()
+    x = torch.randn(2, 8, 8, 8)
+    outputs, grads = [], []
+    for form in (upsample_conv3x3, lambda x, conv: conv(upsample(x))):
+        x_ = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = form(x_, conv)
+        out.float().square().mean().backward()
+        outputs.append(out)
+        grads.append([x_.grad, *(p.grad.clone() for p in conv.parameters())])
+        conv.zero_grad()
+    assert outputs[0].dtype == outputs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outputs[0].float(), outputs[1].float(), rtol=0.05, atol=0.05)
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.02)
