@@ -83,6 +83,37 @@ class SNLayers:
         return spectral_norm(layer, n_power_iterations=self.power_iterations, eps=self.eps)
 
 
+def _matrix(weight: Tensor, nhwc: bool) -> Tensor:
+    """A weight as its (out, rest) matrix: a view of an NHWC conv weight, columns in (kh, kw, in) order."""
+    return weight.permute(0, 2, 3, 1).flatten(1) if nhwc else weight.flatten(1)
+
+
+class _Normalize(torch.autograd.Function):
+    """``weight / σ`` with ``σ = uᵀ W v`` (u and v constants), and its gradient in closed form:
+    ``(G - <G, Ŵ> u vᵀ) / σ`` for the output gradient G and output Ŵ, one dot, one rank-1 update and
+    one division over the weight, where autograd's chain through the division, the dot and the
+    matrix-vector product reads and writes a weight-sized tensor about a dozen times."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, u: Tensor, v: Tensor, nhwc: bool) -> Tensor:
+        sigma = torch.vdot(u, torch.mv(_matrix(weight, nhwc), v))
+        out = weight / sigma
+        ctx.save_for_backward(out, u, v, sigma)
+        ctx.nhwc = nhwc
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        out, u, v, sigma = ctx.saved_tensors
+        grad_matrix = _matrix(grad, ctx.nhwc)
+        along = torch.vdot(grad_matrix.flatten(), _matrix(out, ctx.nhwc).flatten())  # <G, Ŵ>
+        grad_weight = torch.addr(grad_matrix, u, v * -along).div_(sigma)
+        if ctx.nhwc:
+            rows, inputs, kh, kw = out.shape
+            return grad_weight.view(rows, kh, kw, inputs).permute(0, 3, 1, 2), None, None, None
+        return grad_weight.view(out.shape), None, None, None
+
+
 class SpectralNorm(nn.Module):
     """``W / σ(W)``, σ by power iteration (Miyato et al. 2018): torch's spectral-norm parametrization
     (``torch.nn.utils.parametrizations.spectral_norm``, dim 0) with the same buffers, the same start
@@ -94,7 +125,8 @@ class SpectralNorm(nn.Module):
     ``weight.permute(0, 2, 3, 1).flatten(1)``, its columns in (kh, kw, in) order, a view: σ does not
     depend on the order of the columns, and v is permuted to match, a copy of one vector. ``_v`` keeps
     the (in, kh, kw) order in either layout, so a state dict means the same whatever layout saved or
-    loads it, and is interchangeable with torch's.
+    loads it, and is interchangeable with torch's. The normalised weight is torch's bit for bit; its
+    gradient, the same function, is taken in closed form (``_Normalize``).
     """
 
     def __init__(self, weight: Tensor, n_power_iterations: int = 1, eps: float = 1e-12) -> None:
@@ -118,10 +150,8 @@ class SpectralNorm(nn.Module):
         """The weight as a matrix (a view where the layout allows) and v in that matrix's column order."""
         if is_nhwc(weight):
             _, inputs, kh, kw = weight.shape
-            return weight.permute(0, 2, 3, 1).flatten(1), self._v.view(inputs, kh, kw).permute(
-                1, 2, 0
-            ).flatten()
-        return weight.flatten(1), self._v
+            return _matrix(weight, True), self._v.view(inputs, kh, kw).permute(1, 2, 0).flatten()
+        return _matrix(weight, False), self._v
 
     @torch.no_grad()
     def _power_method(self, weight: Tensor, matrix: Tensor, v: Tensor, iterations: int) -> Tensor:
@@ -142,8 +172,7 @@ class SpectralNorm(nn.Module):
         # u and v are updated in place by the next power iteration: the graph keeps copies of them
         u = self._u.clone(memory_format=torch.contiguous_format)
         v = v.clone(memory_format=torch.contiguous_format)
-        sigma = torch.vdot(u, torch.mv(matrix, v))
-        return weight / sigma
+        return _Normalize.apply(weight, u, v, is_nhwc(weight))
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return value

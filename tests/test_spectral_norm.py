@@ -110,3 +110,22 @@ def test_an_nhwc_conv_weight_is_not_copied_to_take_its_norm(training):
         counts[name] = mode.copies
     assert counts["torch"] and not counts["ours"], counts  # torch's flatten(1) copies the NHWC weight
     assert ours.parametrizations.weight.original.grad is not None
+
+
+@pytest.mark.parametrize(("kind", "nhwc"), [*((kind, False) for kind in LAYERS), ("conv3x3", True)])
+def test_the_gradient_is_torchs_through_the_weight_and_its_norm(kind, nhwc):
+    """The closed-form gradient of W / σ(W) equals autograd's through torch's spectral norm, σ's
+    dependence on W included."""
+    theirs, ours = (layer.double() for layer in pair(kind))
+    if nhwc:
+        theirs, ours = (layer.to(memory_format=torch.channels_last) for layer in (theirs, ours))
+    original = "parametrizations.weight.original"
+    torch.manual_seed(1)  # not proportional to the weight, so σ's term matters; in the weight's layout
+    upstream = torch.randn_like(theirs.get_parameter(original))
+    for layer in (theirs, ours):
+        layer.weight.backward(upstream)  # one training-mode forward each: one power iteration each
+    grad_theirs, grad_ours = (layer.get_parameter(original).grad for layer in (theirs, ours))
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-10, atol=1e-12)
+    sigma = torch.linalg.matrix_norm(theirs.get_parameter(original).detach().flatten(1), ord=2)
+    direct = upstream / sigma
+    assert not torch.allclose(grad_theirs, direct, rtol=1e-3)  # the test would see σ's term missing
