@@ -3,6 +3,7 @@ torch.compile's fallback."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -62,3 +63,25 @@ def test_compile_without_a_code_generator_trains_eagerly(monkeypatch, caplog):
     assert warning.endswith("training runs eagerly")
     assert fallback.d_train is fallback.D and fallback.g_no_grad is fallback.G
     assert two_steps(fallback) == two_steps(tiny_backend(compile=False, channels_last=False))
+
+
+def test_a_checkpoint_resumes_in_the_other_layout_with_the_same_updates():
+    """Adam's moments saved NHWC load into NCHW parameters (and back) laid out as the parameters are: fused
+    Adam walks parameter, gradient and moment memory in step, so moments in another layout would be
+    applied to the wrong weights, silently."""
+    for saved_nhwc in (True, False):
+        saver = tiny_backend(channels_last=saved_nhwc)
+        two_steps(saver)
+        state = saver.state_dict()
+        resumed = [tiny_backend(channels_last=layout) for layout in (saved_nhwc, not saved_nhwc)]
+        for backend in resumed:
+            backend.load_state_dict(copy.deepcopy(state))  # optimizers keep the tensors they load
+            for opt in (backend.opt_g, backend.opt_d):
+                for param, moments in opt.state.items():
+                    assert moments["exp_avg"].stride() == param.stride()
+                    assert moments["exp_avg_sq"].stride() == param.stride()
+        losses = [two_steps(backend) for backend in resumed]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-3, atol=0)
+        for nets in ((resumed[0].D, resumed[1].D), (resumed[0].G, resumed[1].G)):
+            diff = torch.cat([(a - b).abs().flatten() for a, b in zip(*(net.parameters() for net in nets))])
+            assert float((diff <= 1e-5).float().mean()) > 0.97, f"up to {float(diff.max())}"

@@ -37,6 +37,7 @@ from trainer.gan_step import (
     Update,
     batch_norm_groups,
     fused_adam,
+    lay_out_like_parameters,
     loss_weight,
     mean_over_ranks,
     nonfinite,
@@ -284,6 +285,7 @@ def _load_adam_state(engine, net: nn.Module, saved: dict[str, Any]) -> None:
     adam = engine.basic_optimizer
     if not engine.zero_optimization():
         adam.load_state_dict(saved)
+        lay_out_like_parameters(adam)  # a DDPBackend checkpoint's moments may be NHWC
         return
     hyper = {key: value for key, value in saved["param_groups"][0].items() if key != "params"}
     for group in adam.param_groups:

@@ -263,6 +263,8 @@ class DDPBackend:
         self.D.load_state_dict(state["D"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        lay_out_like_parameters(self.opt_g)
+        lay_out_like_parameters(self.opt_d)
         use_configured_hyperparameters(self.opt_g, self.cfg.lr_g, self.cfg.betas_g)
         use_configured_hyperparameters(self.opt_d, self.cfg.lr_d, self.cfg.betas_d)
         if state.get("scaler_g"):
@@ -274,6 +276,19 @@ class DDPBackend:
 def fused_adam(net: nn.Module, lr: float, betas: list[float]) -> torch.optim.Adam:
     """One kernel for all of a net's parameters, no host synchronisation (per-parameter Adam has one each)."""
     return torch.optim.Adam(net.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])), fused=True)
+
+
+def lay_out_like_parameters(opt: torch.optim.Optimizer) -> None:
+    """Each state tensor shaped like its parameter (Adam's moments) re-laid out as the parameter is.
+
+    A checkpoint keeps the layout it was saved in (NHWC with ``trainer.channels_last``), and fused Adam
+    walks parameter, gradient and moment memory in step: moments in another layout would update the
+    wrong weights, silently.
+    """
+    for param, state in opt.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def step_unless(opt: torch.optim.Optimizer, skipped: torch.Tensor) -> None:
