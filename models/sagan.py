@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from models.attention import SelfAttention2d, check_attention_impl
 from models.layers import ConditionalBatchNorm2d, SNLayers, check_init, check_positive
-from models.resample import conv3x3_avgpool, upsample, upsample_conv3x3
+from models.resample import conv3x3_avgpool, memory_format_of, upsample, upsample_conv3x3
 
 RESOLUTIONS = (32, 64, 128)
 # Channel multipliers of the base width, from the 4x4 input through every up-block (each doubles the size).
@@ -26,6 +26,10 @@ D_BLOCKS = {
 }
 # The paper's best placement for 128 pixels is 64x64; smaller models attend at 32x32.
 DEFAULT_ATTENTION = {32: (32,), 64: (32,), 128: (64,)}
+# D blocks on maps this small keep NCHW weights on a CPU when the rest runs channels_last: there oneDNN's
+# NHWC 3x3 convolutions are the slower ones (fp32, 256-512 channels at 4x4: 1.4-1.7x forward and backward;
+# bf16 about even). See `nchw_small_maps`.
+NCHW_MAX_SIDE_CPU = 4
 
 
 @dataclass(frozen=True)
@@ -131,12 +135,16 @@ class DBlock(nn.Module):
         super().__init__()
         self.preactivation = preactivation
         self.downsample = stage.resample
+        self.input_side = 2 * stage.size if stage.resample else stage.size
         self.conv1 = layers.conv(stage.in_channels, stage.out_channels)
         self.conv2 = layers.conv(stage.out_channels, stage.out_channels)
         learnable_shortcut = stage.in_channels != stage.out_channels or stage.resample
         self.shortcut = layers.conv(stage.in_channels, stage.out_channels, 1) if learnable_shortcut else None
 
     def forward(self, x: Tensor) -> Tensor:
+        # In the layout of the block's weights (``nchw_small_maps``): a convolution given an NHWC input and
+        # NCHW weights runs NHWC, reordering the weights at every call.
+        x = x.contiguous(memory_format=memory_format_of(self.conv1.parametrizations.weight.original))
         h = F.relu(self.conv1(F.relu(x) if self.preactivation else x))
         skip = x
         if self.downsample:
@@ -248,6 +256,14 @@ class Discriminator(nn.Module):
             h = layer(h)
         h = F.relu(h).sum(dim=(2, 3))
         return self.linear(h).squeeze(1) + (self.embedding(y) * h).sum(dim=1)
+
+
+def nchw_small_maps(net: nn.Module) -> None:
+    """Lay out the weights of the D blocks on maps of ``NCHW_MAX_SIDE_CPU`` or less NCHW, in a net that is
+    otherwise channels_last on a CPU; those blocks take their input in that layout."""
+    for block in net.modules():
+        if isinstance(block, DBlock) and block.input_side <= NCHW_MAX_SIDE_CPU:
+            block.to(memory_format=torch.contiguous_format)
 
 
 @dataclass

@@ -51,6 +51,36 @@ def test_channels_last_steps_like_contiguous():
     assert state["exp_avg"].is_contiguous(memory_format=torch.channels_last)
 
 
+def test_channels_last_keeps_the_4x4_discriminator_block_nchw_on_a_cpu():
+    """Under channels_last on a CPU the D block on 4x4 maps keeps NCHW weights and moments (oneDNN's NCHW
+    convolutions are the faster ones there) and takes its input NCHW; the steps are the all-NCHW ones."""
+    backends = []
+    for channels_last in (True, False):
+        torch.manual_seed(0)
+        models = build_models(ModelConfig(resolution=64, g_channels=4, d_channels=8, z_dim=Z_DIM), CLASSES)
+        backends.append(
+            DDPBackend(*models, TrainerConfig(global_batch_size=BATCH, channels_last=channels_last), CPU)
+        )
+    blocks = backends[0].D.blocks
+    small = blocks.block4.conv2.parametrizations.weight.original
+    assert blocks.block4.input_side == 4 and small.is_contiguous()
+    assert blocks.block3.conv2.parametrizations.weight.original.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    inputs = []
+    blocks.block4.conv1.register_forward_pre_hook(lambda conv, args: inputs.append(args[0].is_contiguous()))
+    losses = []
+    for backend in backends:
+        generator = torch.Generator().manual_seed(1)
+        real = torch.rand(BATCH, 3, 64, 64, generator=generator) * 2 - 1
+        y = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+        z = torch.randn(BATCH, Z_DIM, generator=generator)
+        losses.append([backend.d_step(real, y, z, y).read().loss, backend.g_step(z, y).read().loss])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=0)
+    assert backends[0].opt_d.state[small]["exp_avg"].is_contiguous()
+    assert inputs == [True, True]  # the D step's forward and the G step's
+
+
 def test_compile_without_a_code_generator_trains_eagerly(monkeypatch, caplog):
     """trainer.compile=true where Inductor finds no C++ compiler: one warning, then the eager step exactly."""
     import torch._inductor.config

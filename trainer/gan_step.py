@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from data_pipeline.stream import split_batch
 from models.losses import d_hinge_loss, g_hinge_loss
+from models.sagan import nchw_small_maps
 from trainer.compilation import compiler
 from trainer.config import ConfigError, TrainerConfig
 from trainer.distributed import Runtime
@@ -180,8 +181,8 @@ class DDPBackend:
         self.device = runtime.device
         self.world_size = runtime.world_size
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.G = G.to(self.device, memory_format=self.memory_format)
-        self.D = D.to(self.device, memory_format=self.memory_format)
+        self.G = lay_out(G, self.device, channels_last=cfg.channels_last)
+        self.D = lay_out(D, self.device, channels_last=cfg.channels_last)
         self.generate = batch_norm_groups(self.G, cfg, runtime)
         self.loss_weight = loss_weight(cfg, runtime)
         if runtime.distributed:
@@ -276,6 +277,31 @@ class DDPBackend:
 def fused_adam(net: nn.Module, lr: float, betas: list[float]) -> torch.optim.Adam:
     """One kernel for all of a net's parameters, no host synchronisation (per-parameter Adam has one each)."""
     return torch.optim.Adam(net.parameters(), lr=lr, betas=(float(betas[0]), float(betas[1])), fused=True)
+
+
+def lay_out(net: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:
+    """``net`` on ``device`` in the layout DDPBackend trains it in (and ``sagan sample`` draws in, since
+    layouts round differently): NHWC with ``channels_last``, except D blocks on 4x4 maps on a CPU
+    (``models.sagan.nchw_small_maps``: oneDNN's NHWC convolutions are the slower ones there); 1x1 conv
+    weights with standard strides."""
+    net.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if channels_last and device.type == "cpu":
+        nchw_small_maps(net)
+    standard_unit_strides(net)
+    return net
+
+
+def standard_unit_strides(net: nn.Module) -> None:
+    """1x1 conv weights given the standard strides, which their gradients come with.
+
+    ``.to(memory_format=torch.channels_last)`` gives an (out, in, 1, 1) weight the strides (in, 1, in, in):
+    the same memory as the standard (in, 1, 1, 1), but DDP's reducer compares strides exactly, and warned
+    on every multi-rank channels_last run that the gradients' did not match ("may impair performance").
+    """
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.ndim == 4 and param.shape[-2:] == (1, 1) and param.stride()[-2:] != (1, 1):
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
 
 
 def lay_out_like_parameters(opt: torch.optim.Optimizer) -> None:

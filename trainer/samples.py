@@ -137,6 +137,7 @@ def sample_grid(
     from models.sagan import build_models
     from trainer.checkpoint import load_folder, resolve
     from trainer.config import from_dict
+    from trainer.gan_step import lay_out
 
     if generator not in (*GENERATORS, "both"):
         raise ValueError(f"--generator {generator!r} is not one of ema, g, both")
@@ -149,11 +150,10 @@ def sample_grid(
     )
     # The layout the trainer drew its grids in: another one rounds differently, a pixel here and there.
     channels_last = cfg.trainer.channels_last and cfg.trainer.backend == "ddp"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     panels = {}
     for key in GENERATORS if generator == "both" else (generator,):
         G, _ = build_models(cfg.model, manifest["num_classes"])
-        G.to(memory_format=memory_format)
+        lay_out(G, torch.device("cpu"), channels_last=channels_last)
         if key == "ema":
             load_ema_generator(G, state, manifest["num_classes"])
         else:
