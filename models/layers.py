@@ -8,6 +8,7 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
 INIT_SCHEMES = ("orthogonal", "xavier", "normal")
@@ -92,7 +93,8 @@ class _Normalize(torch.autograd.Function):
     """``weight / σ`` with ``σ = uᵀ W v`` (u and v constants), and its gradient in closed form:
     ``(G - <G, Ŵ> u vᵀ) / σ`` for the output gradient G and output Ŵ, one dot, one rank-1 update and
     one division over the weight, where autograd's chain through the division, the dot and the
-    matrix-vector product reads and writes a weight-sized tensor about a dozen times."""
+    matrix-vector product reads and writes a weight-sized tensor about a dozen times. Differentiable
+    once: a second derivative (a penalty on weight gradients) raises rather than miss σ's terms."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, u: Tensor, v: Tensor, nhwc: bool) -> Tensor:
@@ -103,6 +105,7 @@ class _Normalize(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         out, u, v, sigma = ctx.saved_tensors
         grad_matrix = _matrix(grad, ctx.nhwc)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from models.layers import is_nhwc
 
@@ -99,16 +100,21 @@ class _UpConv(torch.autograd.Function):
     """``conv_transpose2d(x, kernel, bias, stride=2, padding=1)`` whose backward takes the bias gradient as
     one sum: torch's oneDNN transposed-convolution backward computes it several times slower (on G's
     32→64 block, 9.4 ms against 0.5 ms for the sum, 40% on top of the input and kernel gradients). Under
-    autocast it runs in the autocast dtype, as ``conv_transpose2d`` would."""
+    autocast it runs in the autocast dtype, as ``conv_transpose2d`` would (float64 tensors keep theirs, as
+    autocast leaves them). Differentiable twice, except where autocast cast its inputs: the casts are not
+    in its graph, so a second derivative would miss terms there, and raises instead."""
 
     @staticmethod
     def forward(ctx, x: Tensor, kernel: Tensor, bias: Tensor | None) -> Tensor:
         device = x.device.type
-        if torch.is_autocast_enabled(device):
+        ctx.cast = False
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
-            x, kernel = x.to(dtype), kernel.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device, enabled=False):
+            ctx.cast = any(_autocast_eligible(t, dtype) for t in (x, kernel, bias))
+            x, kernel, bias = (t.to(dtype) if _autocast_eligible(t, dtype) else t for t in (x, kernel, bias))
+            with torch.autocast(device, enabled=False):
+                out = F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
+        else:
             out = F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
         ctx.save_for_backward(x, kernel)
         ctx.has_bias = bias is not None
@@ -116,14 +122,27 @@ class _UpConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, kernel = ctx.saved_tensors
-        needs_x, needs_kernel, needs_bias = ctx.needs_input_grad
-        grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
-            grad.to(x.dtype), x, kernel, None, [2, 2], [1, 1], [1, 1], True, [0, 0], 1,
-            [needs_x, needs_kernel, False],
-        )  # fmt: skip
-        grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and needs_bias else None
-        return grad_x, grad_kernel, grad_bias
+        return (_up_conv_grads_once if ctx.cast else _up_conv_grads)(ctx, grad)
+
+
+def _up_conv_grads(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    x, kernel = ctx.saved_tensors
+    needs_x, needs_kernel, needs_bias = ctx.needs_input_grad
+    grad_x, grad_kernel, _ = torch.ops.aten.convolution_backward(
+        grad.to(x.dtype), x, kernel, None, [2, 2], [1, 1], [1, 1], True, [0, 0], 1,
+        [needs_x, needs_kernel, False],
+    )  # fmt: skip
+    grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and needs_bias else None
+    return grad_x, grad_kernel, grad_bias
+
+
+# Where autocast cast the inputs: differentiating these gradients again raises (``once_differentiable``).
+_up_conv_grads_once = once_differentiable(_up_conv_grads)
+
+
+def _autocast_eligible(tensor: Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether autocast would cast ``tensor`` to ``dtype``: floating point, not float64, not already it."""
+    return tensor is not None and tensor.is_floating_point() and tensor.dtype not in (torch.float64, dtype)
 
 
 def spread(weight: Tensor, scale: float = 1.0) -> Tensor:

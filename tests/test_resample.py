@@ -84,8 +84,28 @@ def test_upsample_conv_under_bf16_autocast_matches_the_two_ops():
         outputs.append(out)
         grads.append([x_.grad, *(p.grad.clone() for p in conv.parameters())])
         conv.zero_grad()
+    assert type(outputs[0].grad_fn).__name__ == "_UpConvBackward"  # the fused form ran, not the two ops
     assert outputs[0].dtype == outputs[1].dtype == torch.bfloat16
     torch.testing.assert_close(outputs[0].float(), outputs[1].float(), rtol=0.05, atol=0.05)
     for a, b in zip(*grads):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.02)
+
+
+def test_upsample_conv_twice_differentiable_where_autocast_did_not_cast():
+    """Outside autocast (and for float64, which autocast leaves alone) the fused form's second derivative
+    is the two ops'; under autocast, where the casts are not in its graph, it raises."""
+    conv = spectral_normed_conv(3, 2)
+    x = torch.randn(1, 3, FUSED_MIN_SIZE, FUSED_MIN_SIZE, dtype=torch.float64, requires_grad=True)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = upsample_conv3x3(x, conv)
+        assert out.dtype == torch.float64
+        assert torch.autograd.gradgradcheck(lambda x: upsample_conv3x3(x, conv), (x,))
+    conv = SNLayers().conv(3, 2).eval()
+    x = x.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = upsample_conv3x3(x, conv)
+    (grad,) = torch.autograd.grad(out.float().square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.square().sum().backward()

@@ -129,3 +129,13 @@ def test_the_gradient_is_torchs_through_the_weight_and_its_norm(kind, nhwc):
     sigma = torch.linalg.matrix_norm(theirs.get_parameter(original).detach().flatten(1), ord=2)
     direct = upstream / sigma
     assert not torch.allclose(grad_theirs, direct, rtol=1e-3)  # the test would see σ's term missing
+
+
+def test_a_second_derivative_through_the_norm_raises_instead_of_missing_terms():
+    """The closed-form backward is differentiable once: a penalty on weight gradients, which needs the
+    second derivative, gets an error rather than a gradient without σ's terms."""
+    _, ours = (layer.double() for layer in pair("conv3x3"))
+    original = ours.parametrizations.weight.original
+    (grad,) = torch.autograd.grad(ours.weight.square().sum(), original, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.square().sum().backward()
