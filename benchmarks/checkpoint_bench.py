@@ -30,9 +30,9 @@ import torch
 from benchmarks import machine
 from benchmarks.local_s3 import moto_server
 from benchmarks.report import Result, Table
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.config import load_config
-from trainer.distributed import init_runtime
+from trainer.runtime.distributed import init_runtime
 from trainer.trainer import Trainer, ensure_dataset
 
 

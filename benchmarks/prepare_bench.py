@@ -53,7 +53,7 @@ def measure(
 def as_rank(args: argparse.Namespace) -> None:
     """One rank of the mpiexec row: prints rank 0's time and every rank's CPU as one JSON line."""
     from launch.prepare_ranks import COLLECTIVE_TIMEOUT_SECONDS, prepare_ranks
-    from trainer.distributed import init_runtime, shutdown
+    from trainer.runtime.distributed import init_runtime, shutdown
 
     runtime = init_runtime("cpu", COLLECTIVE_TIMEOUT_SECONDS)
     ranks = prepare_ranks(runtime)

@@ -65,7 +65,7 @@ class EMABank:
 def train(args: argparse.Namespace) -> None:
     from trainer import trainer as trainer_module
     from trainer.config import load_config
-    from trainer.distributed import init_runtime
+    from trainer.runtime.distributed import init_runtime
 
     torch.set_num_threads(1)
     run_dir = args.root / args.name
@@ -109,7 +109,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def seconds_per_step(run_dir: Path) -> float | None:
-    from trainer.run_log import read_run_log
+    from trainer.observability.run_log import read_run_log
 
     rows = sorted(
         (r["step"], r["time"]) for r in read_run_log(str(run_dir)).to_pylist() if r.get("loss_d") is not None
@@ -137,7 +137,7 @@ def load_generator(cfg, num_classes: int, weights: dict, bn_from=None):
 
 def checkpoint_nets(run_dir: Path, folder: Path) -> tuple[dict, dict, object]:
     """G, every schedule of the bank (standing statistics) and the old G-EMA, of one checkpoint."""
-    from trainer.checkpoint import load_folder
+    from trainer.checkpoint.format import load_folder
     from trainer.config import from_dict
 
     step = int(folder.name[5:])
@@ -163,8 +163,8 @@ def checkpoint_folders(run_dir: Path) -> list[Path]:
 
 
 def evaluate(args: argparse.Namespace) -> None:
+    from evaluation import EvalConfig, Evaluator
     from launch.cli import main as sagan
-    from trainer.evaluation import EvalConfig, Evaluator
 
     torch.set_num_threads(1)
     if not Path(args.test_data).joinpath("manifest.parquet").exists():
@@ -238,18 +238,16 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def grid(args: argparse.Namespace) -> None:
-    from trainer import samples
+    from trainer.observability import grids
 
     run_dir = args.root / args.name
     nets, manifest, cfg = checkpoint_nets(run_dir, run_dir / "checkpoints" / f"step_{args.step}")
-    rows = samples.grid_classes(manifest["num_classes"])
-    z, y = samples.fixed_inputs(
+    rows = grids.grid_classes(manifest["num_classes"])
+    z, y = grids.fixed_inputs(
         cfg.model.z_dim, rows, cfg.trainer.sample_columns, cfg.trainer.seed, torch.device("cpu")
     )
-    panels = {f"G-EMA {args.ema}": samples.draw(nets[args.ema], z, y), "G": samples.draw(nets["G"], z, y)}
-    print(
-        "wrote", samples.write_atomically(samples.encode_panels(panels, cfg.trainer.sample_columns), args.out)
-    )
+    panels = {f"G-EMA {args.ema}": grids.draw(nets[args.ema], z, y), "G": grids.draw(nets["G"], z, y)}
+    print("wrote", grids.write_atomically(grids.encode_panels(panels, cfg.trainer.sample_columns), args.out))
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchmarks import machine
 from benchmarks.report import Result, Table
-from trainer.run_log import read_run_log
+from trainer.observability.run_log import read_run_log
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

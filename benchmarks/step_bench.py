@@ -38,10 +38,10 @@ from benchmarks.report import Result, Table
 from benchmarks.timing import alternate
 from models.ema import EMA
 from models.sagan import build_models
+from trainer.backends import make_backend
 from trainer.config import load_config
-from trainer.distributed import Runtime
-from trainer.gan_step import make_backend
-from trainer.host_memory import keep_freed_memory
+from trainer.runtime.distributed import Runtime
+from trainer.runtime.host_memory import keep_freed_memory
 
 NUM_CLASSES = 10
 BF16 = "ours, bf16 autocast"
@@ -143,7 +143,7 @@ def run(options: Options, command: str = "python -m benchmarks step") -> Result:
     result = Result("step", command, machine.headline(info), machine.uptime())
     if keep_freed_memory():  # as the trainer does (trainer.keep_host_memory), for every contender alike
         result.notes.append(
-            "Host memory: glibc's malloc keeps freed blocks for the next step (`trainer/host_memory.py`), "
+            "Host memory: glibc's malloc keeps freed blocks for the next step (`trainer/runtime/host_memory.py`), "
             "as the trainer sets it, for all contenders."
         )
     bf16 = machine.has_bf16_instructions(info)

@@ -69,7 +69,7 @@ def read_amplification(
     """Bytes an epoch reads from the store, over all ranks and loader workers of a job with the default
     config (``data.shuffle_chunk_samples`` replaced by ``chunk_samples`` if given), over the dataset's
     bytes. Each worker's share of each rank's first epoch is read by the stream's own reader
-    (``_BatchReader``, as in a DataLoader worker: a store of its own), one after the other in this
+    (``BatchReader``, as in a DataLoader worker: a store of its own), one after the other in this
     process; the S3 store counts the bytes it receives and the GET requests it sends."""
     from trainer.config import load_config
 

@@ -20,7 +20,7 @@ import time
 from benchmarks import machine
 from benchmarks.report import Result, Table
 from trainer.config import load_config
-from trainer.distributed import init_runtime
+from trainer.runtime.distributed import init_runtime
 from trainer.trainer import Trainer, ensure_dataset
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"

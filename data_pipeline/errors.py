@@ -9,7 +9,10 @@ class ObjectNotFound(DataError):
     """A named object (file or S3 key) does not exist; callers that expect absence can catch this alone."""
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none): errors are one line."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def first_line(error: BaseException | str) -> str:
+    """The first line of a message, or of an exception's (its type's name when it has none): errors are
+    one line."""
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0]
+    return "" if isinstance(error, str) else type(error).__name__

@@ -4,7 +4,7 @@ Shards are named relative to the manifest's folder, so a prepared dataset can be
 (local dir <-> bucket) as a whole. Writing the manifest is the commit point of ``prepare``. The
 facts: image size, classes (names, and descriptions from a synset mapping), the encoding of the
 images, the crop and resize filter that made them, and the id of the plan that wrote them.
-Manifests of format 1 (before encodings) hold PNG images made with a centre crop and Lanczos.
+Manifests of format 1 (before encodings) hold PNG images made with a centre crop and Lanczos (``compat``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_pipeline.compat import MANIFEST_V1_ENCODING, MANIFEST_V1_PLAN, MANIFEST_V1_PREPROCESS
 from data_pipeline.encodings import Encoding
 from data_pipeline.errors import DataError, ObjectNotFound
 from data_pipeline.storage import open_store
@@ -179,7 +180,7 @@ def read_manifest(url: str) -> Manifest:
         if version > FORMAT_VERSION:
             raise DataError(f"{where} has format version {version}; this code reads up to {FORMAT_VERSION}")
         try:
-            encoding = Encoding.from_metadata(json.loads(meta.get("sagan.encoding", "{}")))
+            encoding = Encoding.from_metadata(json.loads(meta.get("sagan.encoding", MANIFEST_V1_ENCODING)))
         except DataError as exc:
             raise ValueError(str(exc)) from None
         rows = table.select([f.name for f in _SCHEMA]).to_pylist()
@@ -205,8 +206,8 @@ def read_manifest(url: str) -> Manifest:
             classes=json.loads(meta.get("sagan.classes", "[]")),
             format_version=version,
             encoding=encoding,
-            preprocess=json.loads(meta.get("sagan.preprocess", "{}")),
-            plan=meta.get("sagan.plan", ""),
+            preprocess=json.loads(meta.get("sagan.preprocess", MANIFEST_V1_PREPROCESS)),
+            plan=meta.get("sagan.plan", MANIFEST_V1_PLAN),
             class_descriptions=json.loads(meta.get("sagan.class_descriptions", "[]")),
         )
     except DataError:

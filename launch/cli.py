@@ -17,7 +17,7 @@ log = logging.getLogger("sagan")
 def _prepare(args: argparse.Namespace) -> int:
     from data_pipeline.prepare import parse_size, prepare
     from launch.prepare_ranks import COLLECTIVE_TIMEOUT_SECONDS, prepare_ranks
-    from trainer.distributed import init_runtime
+    from trainer.runtime.distributed import init_runtime
 
     shard_size = parse_size(args.shard_size)  # bad input fails before any rank waits for another
     runtime = init_runtime("cpu", COLLECTIVE_TIMEOUT_SECONDS)
@@ -49,7 +49,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from trainer.config import config_arguments, first_use_target, load_config
-    from trainer.distributed import init_runtime
+    from trainer.runtime.distributed import init_runtime
     from trainer.trainer import Trainer, ensure_dataset
 
     config_file, overrides = config_arguments(args.config, args.overrides)
@@ -64,7 +64,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from trainer.samples import sample_grid
+    from trainer.observability.grids import sample_grid
 
     classes = [int(c) for c in args.classes.split(",")] if args.classes else None
     path = sample_grid(
@@ -80,7 +80,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _report_run(args: argparse.Namespace) -> int:
-    from trainer.report import write_report
+    from trainer.observability.report import write_report
 
     print(f"wrote {write_report(args.run_url, args.out)}")
     return 0

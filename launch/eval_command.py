@@ -18,7 +18,7 @@ import dataclasses
 import json
 
 from data_pipeline.storage import open_store, split_url
-from trainer.evaluation import EvalConfig, EvalResult, Evaluator, eval_result_name, format_table
+from evaluation import EvalConfig, EvalResult, Evaluator, eval_result_name, format_table
 
 
 def _eval_config(base: EvalConfig, args: argparse.Namespace) -> EvalConfig:
@@ -68,26 +68,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     from launch.outcome import run_on_ranks
-    from models.ema import load_ema_generator
-    from models.sagan import build_models
-    from trainer.checkpoint import load_folder, resolve
-    from trainer.config import from_dict
-    from trainer.distributed import init_runtime
+    from trainer.checkpoint.generator import GENERATORS, load_generators
+    from trainer.runtime.distributed import init_runtime
 
-    folder = resolve(args.checkpoint)
-    state, manifest = load_folder(folder)
-    cfg = from_dict(manifest["config"])
+    which = tuple(GENERATORS) if args.generator == "both" else (args.generator,)
+    loaded = load_generators(args.checkpoint, which)  # laid out as the trainer evaluated them
+    folder, cfg, num_classes, step = loaded.folder, loaded.config, loaded.num_classes, loaded.step
     eval_cfg = _eval_config(cfg.eval, args)
-    num_classes = manifest["num_classes"]
-    generators = {}
-    for key, label in (("ema", "G-EMA"), ("g", "G")):
-        if args.generator in (key, "both"):
-            G, _ = build_models(cfg.model, num_classes)
-            if key == "ema":
-                load_ema_generator(G, state, num_classes)  # batch-norm statistics of the checkpoint's step
-            else:
-                G.load_state_dict(state["backend"]["G"])
-            generators[label] = G
+    generators = {GENERATORS[key]: G for key, G in loaded.nets.items()}
     runtime = init_runtime("auto")
     # The checkpoint's run folder, where the trainer writes its own evaluations: the checkpoints' parent
     # when they are in the default place (wherever the run folder is now), else the config's run.dir.
@@ -105,21 +93,18 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
             device=runtime.device,
         )
         results = [
-            evaluator.evaluate(G.to(runtime.device), step=manifest["step"], name=label)
-            for label, G in generators.items()
+            evaluator.evaluate(G.to(runtime.device), step=step, name=label) for label, G in generators.items()
         ]
         if runtime.is_main:
             print(format_table(results))
-            out = args.out or open_store(run_dir).url_of(
-                eval_result_name(manifest["step"], eval_cfg.extractor)
-            )
+            out = args.out or open_store(run_dir).url_of(eval_result_name(step, eval_cfg.extractor))
             print(f"wrote {_write(results, out)}")
 
     return run_on_ranks("eval", runtime, work)
 
 
 def train_classifier_command(args: argparse.Namespace) -> int:
-    from trainer.classifier import save_classifier, train_classifier
+    from evaluation.extractors.classifier import save_classifier, train_classifier
 
     if not args.data:
         raise ValueError("sagan eval train-classifier needs --data URL (a prepared dataset)")

@@ -2,11 +2,11 @@
 
 Bad input from the user (config, data, URL, checkpoint, credentials) is one line on stderr and exit
 status 2; anything else is logged with its traceback and exit status 1. On a distributed job a failing
-rank tells every other rank through the job's store (``trainer.coordination.FailureNotice``), so the
+rank tells every other rank through the job's store (``trainer.runtime.coordination.FailureNotice``), so the
 whole job ends at once, each rank reporting the job's first failure rather than the broken connection
 it saw as a consequence; the message also goes to torchrun's error file. A pre-emption (every rank
 stopped at one step, its checkpoint committed) leaves together with status 128 + the signal. The
-command says all this *before* ``trainer.distributed.shutdown``, which does not return on a failed rank.
+command says all this *before* ``trainer.runtime.distributed.shutdown``, which does not return on a failed rank.
 Messages never carry credentials (``data_pipeline.storage.scrub_credentials``).
 """
 
@@ -19,12 +19,12 @@ from collections.abc import Callable
 
 from data_pipeline.errors import DataError, first_line
 from data_pipeline.storage import scrub_credentials
-from trainer.checkpoint import CheckpointError
+from trainer.checkpoint.format import CheckpointError
 from trainer.config import ConfigError
-from trainer.coordination import FailureNotice, record_for_launcher
-from trainer.distributed import Runtime, shutdown
-from trainer.nonfinite import Diverged
-from trainer.preemption import Preempted
+from trainer.runtime.coordination import FailureNotice, record_for_launcher
+from trainer.runtime.distributed import Runtime, shutdown
+from trainer.runtime.nonfinite import Diverged
+from trainer.runtime.preemption import Preempted
 
 log = logging.getLogger("sagan")
 

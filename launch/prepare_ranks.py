@@ -1,6 +1,6 @@
 """The ranks of a multi-node ``sagan prepare``: who launched it, and the two collectives it needs.
 
-``trainer.distributed.init_runtime`` recognises the launcher (torchrun, mpiexec, SLURM, ...) as it does
+``trainer.runtime.distributed.init_runtime`` recognises the launcher (torchrun, mpiexec, SLURM, ...) as it does
 for training. Started by MPI (mpiexec, or srun with --mpi=pmix|pmi2), the collectives go through
 mpi4py; otherwise through torch.distributed (gloo). Ranks meet twice: after rank 0 planned the work,
 and at the end, when rank 0 commits the manifest; in between each rank makes its own shards.
@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from data_pipeline.prepare import RankGroup
-from trainer.distributed import Runtime
+from trainer.runtime.distributed import Runtime, broadcast_object
 
 # Ranks wait at the end for the slowest one; a rank that dies ends the job through its launcher.
 COLLECTIVE_TIMEOUT_SECONDS = 12 * 3600
@@ -46,11 +46,7 @@ class TorchDistributedRanks:
         self.rank, self.world_size = rank, world_size
 
     def broadcast(self, value: Any) -> Any:
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return broadcast_object(value)
 
     def gather(self, value: Any) -> list[Any] | None:
         import torch.distributed as dist

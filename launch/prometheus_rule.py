@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.errors import first_line
 from launch.manifest_yaml import dump_all
 
 MONITORING_DIR = Path(__file__).resolve().parent.parent / "k8s" / "monitoring"
@@ -37,7 +38,7 @@ def read_groups(rules_file: Path) -> list[dict[str, Any]]:
     except OSError as err:
         raise RulesFileError(f"cannot read the rules file {rules_file}: {err.strerror}") from None
     except yaml.YAMLError as err:
-        raise RulesFileError(f"{rules_file} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise RulesFileError(f"{rules_file} is not valid YAML: {first_line(err)}") from None
     if not isinstance(tree, dict) or not isinstance(tree.get("groups"), list) or not tree["groups"]:
         raise RulesFileError(
             f"{rules_file} is not a Prometheus rules file: it needs a non-empty `groups:` list"

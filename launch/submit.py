@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
+from data_pipeline.errors import first_line
 from launch.job_manifest import (
     JobError,
     JobRequest,
@@ -203,9 +204,9 @@ def connect(kubeconfig: str | None, context: str | None) -> Cluster:
             namespace = (chosen or {}).get("context", {}).get("namespace") or "default"
             api = config.new_client_from_config(config_file=kubeconfig, context=context)
     except ConfigException as err:
-        raise JobError(f"cannot use the kubeconfig {where}: {_first_line(str(err))}") from None
+        raise JobError(f"cannot use the kubeconfig {where}: {first_line(err)}") from None
     except yaml.YAMLError as err:
-        raise JobError(f"the kubeconfig {where} is not valid YAML: {_first_line(str(err))}") from None
+        raise JobError(f"the kubeconfig {where} is not valid YAML: {first_line(err)}") from None
     except (TypeError, KeyError, AttributeError) as err:
         raise JobError(f"the kubeconfig {where} is malformed ({type(err).__name__}: {err})") from None
     # After the client's Configuration, which sets urllib3's level: its retry warnings would precede the
@@ -247,7 +248,7 @@ def refusal(err: BaseException, attempt: str, workload: Workload | None = None) 
             cause = str(cause).rpartition("): ")[
                 2
             ]  # "[Errno 111] Connection refused", without the pool's repr
-        return JobError(f"cannot {attempt}: the Kubernetes API is unreachable ({_first_line(str(cause))})")
+        return JobError(f"cannot {attempt}: the Kubernetes API is unreachable ({first_line(cause)})")
     return None
 
 
@@ -269,12 +270,7 @@ def _status_message(err: Any) -> str:
         message = json.loads(body).get("message", "")
     except (ValueError, AttributeError):
         message = body
-    return _first_line(message) or "no details"
-
-
-def _first_line(text: str) -> str:
-    text = str(text).strip()
-    return text.splitlines()[0] if text else ""
+    return first_line(message) or "no details"
 
 
 def _create_job(cluster: Cluster, workload: Workload, job: dict[str, Any], namespace: str) -> dict[str, Any]:

@@ -87,10 +87,9 @@ def batch_norm_inputs(
 def load_ema_generator(G: nn.Module, state: dict[str, Any], num_classes: int) -> nn.Module:
     """Load a checkpoint's G-EMA into ``G`` (built and placed by the caller), with batch-norm statistics
     of the checkpoint's own step: saved when the trainer measured them at that step (for a grid or an
-    evaluation), else measured here by the trainer's recipe (``state["G_ema_statistics"]``). Checkpoints
-    without a recipe were saved with measured statistics."""
+    evaluation), else measured here by the trainer's recipe (``state["G_ema_statistics"]``)."""
     G.load_state_dict(state["G_ema"])
-    recipe = dict(state.get("G_ema_statistics") or {"step": state["step"]})
+    recipe = dict(state["G_ema_statistics"])
     if recipe.pop("step") != state["step"]:
         device = next(G.parameters()).device
         recompute_batch_norm(

@@ -31,7 +31,7 @@ from data_pipeline.prepare import prepare
 from data_pipeline.storage import open_store
 from data_pipeline.stream import DataConfig
 from data_pipeline.untrusted import MAX_IMAGE_PIXELS, UnsafeInput, check_member_name
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint.checkpointer import Checkpointer
 
 DAMAGED_SHARD = 1
 # Pillow warns about the 90 MP header before our own check refuses it.

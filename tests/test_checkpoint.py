@@ -21,16 +21,12 @@ import torch
 
 from data_pipeline.errors import DataError
 from data_pipeline.storage import LocalStore
-from trainer.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    load_folder,
-    refuse_other_model,
-    resolve,
-)
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.format import CheckpointError, load_folder
+from trainer.checkpoint.resume import refuse_other_model, resolve
 from trainer.config import MetricsConfig
-from trainer.distributed import Runtime
-from trainer.metrics import Metrics
+from trainer.observability.metrics import Metrics
+from trainer.runtime.distributed import Runtime
 
 SAGAN = str(Path(sys.executable).with_name("sagan"))
 

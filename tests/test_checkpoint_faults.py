@@ -13,7 +13,7 @@ import pytest
 from faults import Rule, SmallDisk, can_mount
 from jobs import SAGAN, TINY, finish, free_port, output_of, start, wait_until
 
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint.checkpointer import Checkpointer
 
 pytestmark = pytest.mark.slow
 

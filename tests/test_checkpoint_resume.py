@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import Checkpointer, load_folder
-from trainer.run_log import read_run_log
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.format import load_folder
+from trainer.observability.run_log import read_run_log
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.checkpoint import load_folder
+from trainer.checkpoint.format import load_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SAGAN = str(Path(sys.executable).with_name("sagan"))
@@ -150,7 +150,7 @@ def test_a_run_folder_on_s3_holds_log_samples_and_checkpoints(digits, moto_serve
     assert "checkpoints/LATEST" in names and "checkpoints/step_4/manifest.json" in names
     assert any(name.startswith("log/part-") for name in names)
     steps = subprocess.run(
-        [sys.executable, "-c", f"from trainer.run_log import read_run_log; print(read_run_log('s3://{bucket}/runs/a').column('step').to_pylist())"],
+        [sys.executable, "-c", f"from trainer.observability.run_log import read_run_log; print(read_run_log('s3://{bucket}/runs/a').column('step').to_pylist())"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert steps.stdout.strip() == "[2, 4]", steps.stderr

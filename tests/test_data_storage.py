@@ -12,6 +12,7 @@ import pytest
 from data_pipeline import storage
 from data_pipeline.errors import DataError, ObjectNotFound
 from data_pipeline.storage import LocalStore, S3Store, open_store
+from data_pipeline.storage import s3 as s3_storage
 
 
 def exercise(store: storage.Store, tmp_path: Path) -> None:
@@ -62,8 +63,8 @@ def test_s3_store(s3_bucket, tmp_path):
 
 
 def test_large_uploads_are_multipart(s3_bucket, moto_server, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD_BYTES", 5 * 2**20)
-    monkeypatch.setattr(storage, "MULTIPART_CHUNK_BYTES", 5 * 2**20)
+    monkeypatch.setattr(s3_storage, "MULTIPART_THRESHOLD_BYTES", 5 * 2**20)
+    monkeypatch.setattr(s3_storage, "MULTIPART_CHUNK_BYTES", 5 * 2**20)
     path = tmp_path / "shard.tar"
     path.write_bytes(os.urandom(6 * 2**20))
     open_store(f"s3://{s3_bucket}/data").upload_file("shard.tar", path)
@@ -146,8 +147,8 @@ WRITES_OF = {"write_bytes": ("PUT",), "upload_file": ("PUT",), "multipart_upload
 def test_every_store_call_is_retried_through_a_fault(
     operation, kind, s3_bucket, fault_proxy, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD_BYTES", 5 * 2**20)
-    monkeypatch.setattr(storage, "MULTIPART_CHUNK_BYTES", 5 * 2**20)
+    monkeypatch.setattr(s3_storage, "MULTIPART_THRESHOLD_BYTES", 5 * 2**20)
+    monkeypatch.setattr(s3_storage, "MULTIPART_CHUNK_BYTES", 5 * 2**20)
     store = open_store(f"s3://{s3_bucket}/faults", backoff_seconds=0.01)
     store.write_bytes("seed.bin", SEED_BYTES)
     methods = WRITES_OF.get(operation, ("POST",) if operation == "delete" else ("GET", "HEAD"))
@@ -159,7 +160,7 @@ def test_every_store_call_is_retried_through_a_fault(
     run_operation(store, operation, tmp_path)
     assert rule.times == 0, f"no {methods} request of {operation} met the fault"
     assert store.retries - before >= 1
-    uploads = storage._s3_client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    uploads = s3_storage._s3_client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
     assert uploads == []  # no orphaned parts of the attempt that failed
 
 
@@ -179,8 +180,8 @@ def test_a_retried_multipart_upload_leaves_one_object_and_no_parts(
 ):
     """A part fails and so does boto3's abort of the upload: the retry commits the object, and the
     store aborts the parts the failed attempt left (S3 would keep and bill them)."""
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD_BYTES", 5 * 2**20)
-    monkeypatch.setattr(storage, "MULTIPART_CHUNK_BYTES", 5 * 2**20)
+    monkeypatch.setattr(s3_storage, "MULTIPART_THRESHOLD_BYTES", 5 * 2**20)
+    monkeypatch.setattr(s3_storage, "MULTIPART_CHUNK_BYTES", 5 * 2**20)
     path = tmp_path / "big.bin"
     path.write_bytes(os.urandom(11 * 2**20))
     fault_proxy.add(faults.Rule("error_500", match=b"partNumber=3", methods=("PUT",)))
@@ -188,7 +189,7 @@ def test_a_retried_multipart_upload_leaves_one_object_and_no_parts(
     store = open_store(f"s3://{s3_bucket}/data", backoff_seconds=0.01)
     store.upload_file("big.bin", path)
     assert abort.times == 0  # boto3's own abort was lost
-    client = storage._s3_client()
+    client = s3_storage._s3_client()
     assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     assert [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]] == ["data/big.bin"]
     assert store.read_bytes("big.bin") == path.read_bytes()

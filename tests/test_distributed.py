@@ -129,7 +129,7 @@ def worker_of(agent: subprocess.Popen) -> psutil.Process:
 
 
 def final_state(run_dir: Path, step: int = STEPS) -> tuple[dict, dict]:
-    from trainer.checkpoint import load_folder
+    from trainer.checkpoint.format import load_folder
 
     return load_folder(run_dir / "checkpoints" / f"step_{step}")
 
@@ -167,7 +167,7 @@ def test_two_ddp_ranks_end_where_one_process_ends(digits32, tmp_path):
 
     # Logged per step: the all-rank mean loss and the norm of the averaged gradient, the same numbers as
     # one process's (a sum instead of a mean would double the norm; Adam alone would hardly notice).
-    from trainer.run_log import read_run_log
+    from trainer.observability.run_log import read_run_log
 
     log1, log2 = read_run_log(one).to_pydict(), read_run_log(two).to_pydict()
     assert log1["step"] == log2["step"] == list(range(1, STEPS + 1))
@@ -358,9 +358,9 @@ def ddp_ranks_worker(data_url: str, out: str) -> None:
 
     from data_pipeline.stream import ShardStream
     from models.sagan import build_models
+    from trainer.backends.ddp import DDPBackend
     from trainer.config import load_config
-    from trainer.distributed import init_runtime, shutdown
-    from trainer.gan_step import DDPBackend
+    from trainer.runtime.distributed import init_runtime, shutdown
     from trainer.trainer import noise
 
     cfg = load_config(ROOT / "configs/smoke.yaml", [f"data.url={data_url}", *TINY])
@@ -422,7 +422,7 @@ def ddp_ranks_worker(data_url: str, out: str) -> None:
 
 
 def test_launchers_are_told_apart_by_their_environment(monkeypatch):
-    from trainer.distributed import LaunchEnv, _launch_env
+    from trainer.runtime.distributed import LaunchEnv, _launch_env
 
     for name in [*os.environ]:
         if name.startswith(
@@ -452,7 +452,7 @@ def test_launchers_are_told_apart_by_their_environment(monkeypatch):
 
 
 def test_one_process_never_imports_mpi4py():
-    code = "import sys; from trainer.distributed import _launch_env; _launch_env(); print('mpi4py' in sys.modules)"
+    code = "import sys; from trainer.runtime.distributed import _launch_env; _launch_env(); print('mpi4py' in sys.modules)"
     clean = {
         k: v for k, v in environment().items() if not k.startswith(("PMI", "PMIX", "OMPI_", "SLURM", "RANK"))
     }
@@ -465,7 +465,7 @@ def test_batch_norm_groups_compute_what_ranks_compute():
     import copy
 
     from models.sagan import Generator
-    from trainer.gan_step import BatchNormGroups
+    from trainer.backends.base import BatchNormGroups
 
     torch.manual_seed(0)
     G = Generator(32, 10, z_dim=16, channels=8)

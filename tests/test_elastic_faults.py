@@ -36,8 +36,9 @@ from jobs import (
 )
 from netns import TwoHosts, unavailable
 
-from trainer.checkpoint import Checkpointer, load_folder
-from trainer.run_log import read_run_log
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.format import load_folder
+from trainer.observability.run_log import read_run_log
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +80,9 @@ def test_a_resume_error_on_rank_1_ends_every_rank_promptly_with_its_message(digi
         lines = error_lines(output)
         assert len(lines) == 1 and cause in lines[0], output[-3000:]
     assert not any("Connection closed by peer" in line for _, o in results for line in error_lines(o))
-    assert "trainer.checkpoint.CheckpointError: rank 1 cannot read" in results[1][1]  # torchrun's root cause
+    assert (
+        "trainer.checkpoint.format.CheckpointError: rank 1 cannot read" in results[1][1]
+    )  # torchrun's root cause
 
 
 KILLS = 10
@@ -219,8 +222,8 @@ def test_ranks_failing_together_each_say_the_first_failure_and_rank_0_need_not_w
     own agent killed it silently."""
     import torch.distributed as dist
 
-    from trainer.coordination import FailureNotice
-    from trainer.distributed import Runtime
+    from trainer.runtime.coordination import FailureNotice
+    from trainer.runtime.distributed import Runtime
 
     port = free_port()
     server = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)

@@ -23,11 +23,11 @@ from models.ema import (
     load_ema_generator,
     recompute_batch_norm,
 )
+from models.layout import lay_out
 from models.sagan import Generator, attention_gammas, build_models
-from trainer.checkpoint import load_folder
+from trainer.checkpoint.format import load_folder
 from trainer.config import from_dict
-from trainer.gan_step import lay_out
-from trainer.samples import draw, encode_panels, fixed_inputs
+from trainer.observability.grids import draw, encode_panels, fixed_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -333,7 +333,7 @@ def test_g_ema_loaded_into_a_trainer_is_measured_again_even_at_a_step_already_me
     """A non-finite reload (or any load) can bring other G-EMA weights back to a step whose statistics the
     trainer measured before: they must be measured again for the weights now loaded."""
     from trainer.config import load_config
-    from trainer.distributed import init_runtime
+    from trainer.runtime.distributed import init_runtime
     from trainer.trainer import Trainer
 
     overrides = [f"data.url={digits}", f"run.dir={tmp_path / 'run'}", "data.num_workers=0", "metrics.port=0"]

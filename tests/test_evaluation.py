@@ -23,21 +23,21 @@ import torch
 from PIL import Image
 
 from data_pipeline.prepare import prepare
-from launch.cli import main
-from models.sagan import Generator
-from trainer.classifier import classifier_payload, save_classifier, train_classifier
-from trainer.evaluation import (
+from evaluation import (
     EvalConfig,
     Evaluator,
     feature_statistics,
     frechet_distance,
     inception_score,
     kernel_inception_distance,
-    quantise,
 )
-from trainer.feature_extractors import ExtractorError, efficientnet_extractor, inception_extractor
-from trainer.inception import FIDInceptionV3, resize_bilinear_tf1
-from trainer.reference import dataset_hash, real_features
+from evaluation.evaluator import quantise
+from evaluation.extractors import ExtractorError, efficientnet_extractor, inception_extractor
+from evaluation.extractors.classifier import classifier_payload, save_classifier, train_classifier
+from evaluation.extractors.inception import FIDInceptionV3, resize_bilinear_tf1
+from evaluation.real import dataset_hash, real_features
+from launch.cli import main
+from models.sagan import Generator
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -277,7 +277,7 @@ def digits(tmp_path_factory) -> str:
 def test_classifier_is_cached_by_the_manifest_hash_with_its_held_out_accuracy(digits):
     names = os.listdir(Path(digits) / "eval")
     assert f"classifier-{dataset_hash(digits)}.pt" in names
-    from trainer.classifier import classifier_from_bytes
+    from evaluation.extractors.classifier import classifier_from_bytes
 
     network, info, fingerprint = classifier_from_bytes(classifier_payload(digits, epochs=1, width=4))
     assert info.num_train == 216 and info.num_held_out == 24 and "every 10th image" in info.held_out
@@ -286,8 +286,8 @@ def test_classifier_is_cached_by_the_manifest_hash_with_its_held_out_accuracy(di
 
 
 def test_reference_features_are_cached_next_to_the_dataset(digits):
-    from trainer.classifier import classifier_from_bytes
-    from trainer.feature_extractors import classifier_extractor
+    from evaluation.extractors import classifier_extractor
+    from evaluation.extractors.classifier import classifier_from_bytes
 
     network, _, fingerprint = classifier_from_bytes(classifier_payload(digits, epochs=1, width=4))
     extractor = classifier_extractor(network, fingerprint, torch.device("cpu"))
@@ -331,8 +331,8 @@ def test_generated_images_are_quantised_like_saved_images():
 
 DISTRIBUTED_WORKER = """
 import json, os, sys, torch
-from trainer.distributed import init_runtime, shutdown
-from trainer.evaluation import EvalConfig, Evaluator
+from trainer.runtime.distributed import init_runtime, shutdown
+from evaluation import EvalConfig, Evaluator
 from models.sagan import Generator
 runtime = init_runtime("cpu")
 torch.manual_seed(0)
@@ -370,8 +370,8 @@ def test_two_ranks_give_the_single_process_result(digits, tmp_path):
 
 def test_training_evaluates_g_ema_for_metrics_run_log_checkpoint_and_json(digits, tmp_path):
     from trainer.config import load_config
-    from trainer.distributed import init_runtime
-    from trainer.run_log import read_run_log
+    from trainer.observability.run_log import read_run_log
+    from trainer.runtime.distributed import init_runtime
     from trainer.trainer import Trainer
 
     run = tmp_path / "run"
@@ -397,7 +397,7 @@ def test_training_evaluates_g_ema_for_metrics_run_log_checkpoint_and_json(digits
 
 def test_a_failing_evaluation_is_counted_and_training_and_its_checkpoint_go_on(digits, tmp_path):
     from trainer.config import load_config
-    from trainer.distributed import init_runtime
+    from trainer.runtime.distributed import init_runtime
     from trainer.trainer import Trainer
 
     run = tmp_path / "run"
@@ -491,7 +491,7 @@ def test_sagan_eval_train_classifier_reports_held_out_accuracy(digits, tmp_path,
 
 
 def test_run_log_keeps_the_training_and_evaluation_rows_of_one_step(tmp_path):
-    from trainer.run_log import RunLog, read_run_log
+    from trainer.observability.run_log import RunLog, read_run_log
 
     log = RunLog(str(tmp_path))
     log.append({"step": 2, "time": 1.0, "loss_d": 0.5})  # the first row is written at once

@@ -1,4 +1,4 @@
-"""trainer.host_memory: with glibc, the memory a step frees stays in the heap for the next step."""
+"""trainer.runtime.host_memory: with glibc, the memory a step frees stays in the heap for the next step."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEP = """
 import ctypes, sys
 import torch
-from trainer.host_memory import keep_freed_memory
+from trainer.runtime.host_memory import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -54,7 +54,7 @@ def test_a_steps_freed_blocks_stay_in_the_heap_for_the_next_step():
 
 
 def test_without_glibc_nothing_is_changed(monkeypatch):
-    from trainer import host_memory
+    from trainer.runtime import host_memory
 
     monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("musl", "1.2"))
     assert host_memory.keep_freed_memory() is False

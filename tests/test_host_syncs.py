@@ -20,8 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_pipeline.prepare import prepare
 from trainer.config import load_config
-from trainer.distributed import init_runtime
-from trainer.run_log import read_run_log
+from trainer.observability.run_log import read_run_log
+from trainer.runtime.distributed import init_runtime
 from trainer.trainer import Trainer
 
 TINY = [

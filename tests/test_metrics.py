@@ -19,10 +19,10 @@ from data_pipeline.manifest import read_manifest
 from data_pipeline.prepare import prepare
 from data_pipeline.storage import open_store
 from models.sagan import build_models
+from trainer.backends.ddp import DDPBackend
 from trainer.config import load_config
-from trainer.distributed import Runtime, _launch_env, init_runtime
-from trainer.gan_step import DDPBackend
-from trainer.metrics import Metrics
+from trainer.observability.metrics import Metrics
+from trainer.runtime.distributed import Runtime, _launch_env, init_runtime
 from trainer.trainer import Trainer
 
 

@@ -50,7 +50,7 @@ EVENT_ONLY = {
     "sagan_cuda_memory_reserved_bytes": "CPU only",
     "sagan_cuda_memory_max_allocated_bytes": "CPU only",
 }
-# FID is exported by the evaluation (trainer/evaluation.py); required as soon as that module exists.
+# FID is exported by the evaluation (evaluation/); required as soon as that module exists.
 EVALUATION_METRICS = {"sagan_eval_fid"}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless"}
 PROMQL_WORDS |= {"bool", "offset", "inf", "nan"}
@@ -426,7 +426,7 @@ def declared_and_present(texts: list[str]) -> tuple[set[str], set[str]]:
 def test_every_metric_of_the_dashboard_and_the_alerts_is_exposed_by_the_job(live_job):
     wanted = named_metrics()
     assert {"sagan_train_steps_total", "sagan_step_duration_seconds_bucket", "sagan_world_size"} <= wanted
-    if importlib.util.find_spec("trainer.evaluation") is None:
+    if importlib.util.find_spec("evaluation") is None:
         wanted -= EVALUATION_METRICS
     deadline = time.monotonic() + START_SECONDS
     while True:

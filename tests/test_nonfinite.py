@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.distributed import Runtime
-from trainer.nonfinite import Diverged, NonFiniteGuard
+from trainer.runtime.distributed import Runtime
+from trainer.runtime.nonfinite import Diverged, NonFiniteGuard
 from trainer.trainer import Trainer
 
 ONE_PROCESS = Runtime(0, 0, 1, torch.device("cpu"), "single")

@@ -16,8 +16,9 @@ import pytest
 from faults import Rule, signal_job, workers_of
 from jobs import SAGAN, TINY, TORCHRUN, error_lines, finish, run, start, wait_until
 
-from trainer.checkpoint import Checkpointer, load_folder
-from trainer.run_log import read_run_log
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.format import load_folder
+from trainer.observability.run_log import read_run_log
 
 pytestmark = pytest.mark.slow
 

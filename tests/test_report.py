@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from data_pipeline.storage import open_store
-from trainer import samples
-from trainer.report import write_report
-from trainer.run_log import RunLog, read_run_log
+from trainer.observability import grids
+from trainer.observability.report import write_report
+from trainer.observability.run_log import RunLog, read_run_log
 
 ROOT = Path(__file__).resolve().parents[1]
 SAGAN = str(Path(sys.executable).with_name("sagan"))
@@ -58,7 +58,7 @@ def write_run(url: str, *, with_fid: bool) -> None:
     store = open_store(url)
     images = torch.rand(20, 3, 32, 32) * 2 - 1
     for step in (300, 600):
-        store.write_bytes(f"samples/step_{step:07d}.png", samples.encode_grid(images, 4))
+        store.write_bytes(f"samples/step_{step:07d}.png", grids.encode_grid(images, 4))
 
 
 def referenced(index: str) -> list[str]:

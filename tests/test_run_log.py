@@ -3,7 +3,7 @@
 import math
 import uuid
 
-from trainer.run_log import RunLog, read_run_log
+from trainer.observability.run_log import RunLog, read_run_log
 
 
 def test_rows_survive_a_store_that_refuses_writes_for_a_while(moto_server, s3_env):

@@ -47,8 +47,8 @@ def train(data: str, run_dir: str, env: dict[str, str]):
 def run_record(moto_server, bucket: str, prefix: str) -> dict:
     """What a run did, read back from the bucket through a healthy connection."""
     from data_pipeline.storage import open_store
-    from trainer.checkpoint import Checkpointer
-    from trainer.run_log import read_run_log
+    from trainer.checkpoint.checkpointer import Checkpointer
+    from trainer.observability.run_log import read_run_log
 
     log = read_run_log(open_store(f"s3://{bucket}/{prefix}")).to_pydict()
     step, state, _ = Checkpointer(f"s3://{bucket}/{prefix}/checkpoints").load_latest()

@@ -9,9 +9,9 @@ import logging
 import torch
 
 from models.sagan import ModelConfig, build_models
+from trainer.backends.ddp import DDPBackend
 from trainer.config import TrainerConfig
-from trainer.distributed import Runtime
-from trainer.gan_step import DDPBackend
+from trainer.runtime.distributed import Runtime
 
 CPU = Runtime(0, 0, 1, torch.device("cpu"), "single")
 BATCH, Z_DIM, CLASSES = 4, 16, 10
@@ -91,7 +91,7 @@ def test_compile_without_a_code_generator_trains_eagerly(monkeypatch, caplog):
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warning.startswith("trainer.compile=true, but Inductor finds no C++ compiler")
     assert warning.endswith("training runs eagerly")
-    assert fallback.d_train is fallback.D and fallback.g_no_grad is fallback.G
+    assert fallback.nets.d_train is fallback.D and fallback.nets.generate_for_d is fallback.G
     assert two_steps(fallback) == two_steps(tiny_backend(compile=False, channels_last=False))
 
 

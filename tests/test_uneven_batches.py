@@ -95,8 +95,8 @@ def test_a_world_size_that_does_not_divide_the_global_batch_trains(digits_data, 
         "trainer.max_steps=3", "checkpoint.interval_steps=3",
     ]  # fmt: skip
     run(command)
-    from trainer.checkpoint import load_folder
-    from trainer.run_log import read_run_log
+    from trainer.checkpoint.format import load_folder
+    from trainer.observability.run_log import read_run_log
 
     state, manifest = load_folder(run_dir / "checkpoints" / "step_3")
     data = json.loads(state["data"])
@@ -110,9 +110,9 @@ def gradient_worker(out: str) -> None:
 
     from models.losses import d_hinge_loss, g_hinge_loss
     from models.sagan import build_models
+    from trainer.backends.ddp import DDPBackend
     from trainer.config import load_config
-    from trainer.distributed import init_runtime, shutdown
-    from trainer.gan_step import DDPBackend
+    from trainer.runtime.distributed import init_runtime, shutdown
     from trainer.trainer import noise
 
     cfg = load_config(ROOT / "configs/smoke.yaml", [*TINY[1:], f"trainer.global_batch_size={GLOBAL_BATCH}"])

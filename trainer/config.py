@@ -12,9 +12,10 @@ from typing import Any
 
 import yaml
 
-from data_pipeline.stream import DataConfig
+from data_pipeline.config import DataConfig  # checks itself when built: data.* is validated there
+from data_pipeline.errors import first_line
+from evaluation.config import EvalConfig
 from models.sagan import ModelConfig
-from trainer.evaluation import EvalConfig
 
 
 class ConfigError(Exception):
@@ -50,7 +51,9 @@ class TrainerConfig:
     nonfinite_max_reloads: int = 3  # then the run stops: it diverges
     channels_last: bool = True  # NHWC weights and activations (ddp backend): faster convolutions
     compile: bool = False  # torch.compile the step's passes (ddp backend); eager when it cannot
-    keep_host_memory: bool = True  # glibc: freed host memory kept for the next step (trainer/host_memory.py)
+    keep_host_memory: bool = (
+        True  # glibc: freed host memory kept for the next step (trainer/runtime/host_memory.py)
+    )
 
 
 @dataclass
@@ -87,8 +90,6 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.resolution": (32, 64, 128),
     "model.attention_impl": ("auto", "sdpa", "math"),
     "model.init": ("orthogonal", "xavier", "normal"),
-    "data.remainder": ("drop", "wrap"),
-    "data.wrong_size": ("resize", "reject"),
     "trainer.backend": ("ddp", "deepspeed"),
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.device": ("auto", "cpu", "cuda"),
@@ -108,14 +109,9 @@ POSITIVE = (
     "trainer.ema_bn_batches",
     "checkpoint.interval_steps",
     "checkpoint.keep_last",
-    "data.shuffle_block_shards",
-    "data.prefetch_factor",
 )
 NON_NEGATIVE = (
     "model.num_classes",
-    "data.num_workers",
-    "data.shuffle_chunk_samples",
-    "data.max_retries",
     "metrics.port",
     "trainer.seed",
     "trainer.bn_group_size",
@@ -168,7 +164,7 @@ def _read_file(path: str | Path | None) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{path} is not valid YAML: {first_line(err)}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not {type(loaded).__name__}")
     return loaded or {}

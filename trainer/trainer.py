@@ -11,17 +11,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.errors import DataError, ObjectNotFound
-from data_pipeline.manifest import MANIFEST_NAME, read_manifest
-from data_pipeline.prepare import parse_size, prepare
+from data_pipeline.errors import DataError, first_line
+from data_pipeline.first_use import open_or_prepare
 from data_pipeline.storage import open_store
 from data_pipeline.stream import ShardStream, split_batch
+from evaluation import Evaluator, eval_result_name
 from models.ema import EMA, batch_norm_inputs, ema_decay
 from models.sagan import attention_gammas, build_models
-from trainer import samples
-from trainer.checkpoint import (
-    Checkpointer,
-    CheckpointError,
+from trainer.backends import make_backend
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.format import CheckpointError
+from trainer.checkpoint.resume import (
     changed_settings,
     gather_rng_states,
     load_for_resume,
@@ -30,49 +30,28 @@ from trainer.checkpoint import (
     restore_rng_state,
 )
 from trainer.config import Config, ConfigError, checkpoint_location, to_dict
-from trainer.coordination import ControlGroup
-from trainer.distributed import Runtime
-from trainer.evaluation import Evaluator, eval_result_name
-from trainer.gan_step import make_backend
-from trainer.host_memory import keep_freed_memory
-from trainer.metrics import Metrics
-from trainer.nonfinite import Diverged, NonFiniteGuard
-from trainer.preemption import EXIT_SECONDS, Preempted, Preemption
-from trainer.run_log import RunLog
+from trainer.observability import grids
+from trainer.observability.metrics import Metrics
+from trainer.observability.run_log import RunLog
+from trainer.runtime.coordination import ControlGroup
+from trainer.runtime.distributed import Runtime
+from trainer.runtime.host_memory import keep_freed_memory
+from trainer.runtime.nonfinite import Diverged, NonFiniteGuard
+from trainer.runtime.preemption import EXIT_SECONDS, Preempted, Preemption
 
 log = logging.getLogger("trainer")
 
 
 def ensure_dataset(cfg: Config, runtime: Runtime, prepare_into: str | None = None) -> None:
-    """Prepare the configured dataset on first use (rank 0 only; the others wait for the manifest).
-
-    ``prepare_into`` (``config.first_use_target``) is the only data.url first use may fill; another one
-    without a dataset is an error on every rank, not a stock dataset written where the user mistyped.
-    """
-    source = cfg.data.prepare_source
-    if source and prepare_into is not None and cfg.data.url != prepare_into:
-        try:
-            read_manifest(cfg.data.url)
-        except ObjectNotFound:
-            raise DataError(
-                f"no dataset at {cfg.data.url} ({MANIFEST_NAME} is missing); data.prepare_source={source} "
-                f"prepares on first use only into the data.url configured with it ({prepare_into}): check "
-                f"data.url, or add data.prepare_source={source} to prepare {source} there"
-            ) from None
-        return
-    if not source or not runtime.is_main:
-        return
-    try:
-        read_manifest(cfg.data.url)
-    except ObjectNotFound:
-        log.info("no dataset at %s yet: preparing %s", cfg.data.url, cfg.data.prepare_source)
-        prepare(
-            cfg.data.prepare_source,
-            cfg.data.url,
-            image_size=cfg.model.resolution,
-            shard_size=parse_size(cfg.data.prepare_shard_size),
-            seed=cfg.trainer.seed,
-        )
+    """Prepare the configured dataset on first use (``data_pipeline.first_use``: rank 0 prepares, the
+    others wait); ``prepare_into`` (``config.first_use_target``) is the only data.url it may fill."""
+    open_or_prepare(
+        cfg.data,
+        image_size=cfg.model.resolution,
+        seed=cfg.trainer.seed,
+        rank=runtime.rank,
+        prepare_into=prepare_into,
+    )
 
 
 def noise(
@@ -139,6 +118,7 @@ class Trainer:
             checkpoint_location(cfg),
             cfg.checkpoint.keep_last,
             metrics=self.metrics,
+            interval_steps=cfg.checkpoint.interval_steps,
         )
         self.run_log = RunLog(cfg.run.dir)
         self.evaluator = None  # eval.metrics=[]: no evaluation during training
@@ -161,8 +141,8 @@ class Trainer:
         self.progress: tqdm | None = None
         self.nonfinite = NonFiniteGuard(t.nonfinite_reload_after, t.nonfinite_max_reloads)
         self.last_grid, self.last_eval = "", None  # for the closing note
-        grid = samples.grid_classes(self.num_classes)
-        self.grid_z, self.grid_y = samples.fixed_inputs(
+        grid = grids.grid_classes(self.num_classes)
+        self.grid_z, self.grid_y = grids.fixed_inputs(
             cfg.model.z_dim, grid, t.sample_columns, t.seed, runtime.device
         )
 
@@ -219,7 +199,7 @@ class Trainer:
     def save_checkpoint(self, fid: float | None = None) -> None:
         """Stalls every rank only for the snapshot; rank 0 writes it in the background (after the previous
         save, which every rank waits for in short collectives, never one as long as the upload)."""
-        self.control.wait_for_rank0(self.checkpointer.idle)
+        self.control.wait_for_rank0(self.checkpointer.wait_until_idle)
         started = time.perf_counter()
         state = self.state_dict()
         if self.runtime.is_main:
@@ -259,7 +239,7 @@ class Trainer:
             nonlocal late
             if deadline is not None:
                 seconds = max(0.0, min(seconds, deadline - time.monotonic()))
-            if self.checkpointer.idle(seconds):
+            if self.checkpointer.wait_until_idle(seconds):
                 return True
             late = deadline is not None and time.monotonic() >= deadline
             return late
@@ -291,8 +271,7 @@ class Trainer:
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{where} does not fit this run: {first_line}") from None
+            raise CheckpointError(f"{where} does not fit this run: {first_line(err)}") from None
         self.metrics.resumed_from(self.step)
         log.info("resumed from %s at step %d", where, self.step)
         for change in changed_settings(manifest, to_dict(self.cfg)):
@@ -309,7 +288,7 @@ class Trainer:
                 self.progress.close()  # ends the bar's line: an error message after it starts its own
 
     def _train(self) -> None:
-        cfg, t, device = self.cfg, self.cfg.trainer, self.runtime.device
+        t, device = self.cfg.trainer, self.runtime.device
         self.maybe_resume()
         if self.evaluator is not None:
             self.evaluator.setup()  # extractors, classifier, reference features: fail now, not at the end
@@ -359,7 +338,7 @@ class Trainer:
             if self.step % t.sample_interval == 0 or self.step == t.max_steps:
                 self._save_samples()
             fid = self.evaluate() if self._evaluation_due() else None
-            if self.step % cfg.checkpoint.interval_steps == 0 or self.step == t.max_steps:
+            if self.checkpointer.due(self.step, t.max_steps):
                 self.save_checkpoint(fid=fid)
             stop_signal = self.control.lagged_max(self.preemption.signum or 0)
             if stop_signal and self.step < t.max_steps:
@@ -517,12 +496,12 @@ class Trainer:
         if not self.runtime.is_main:
             return
         panels = {
-            "G-EMA": samples.draw(G_ema, self.grid_z, self.grid_y),
-            "G": samples.draw(self.backend.G, self.grid_z, self.grid_y),
+            "G-EMA": grids.draw(G_ema, self.grid_z, self.grid_y),
+            "G": grids.draw(self.backend.G, self.grid_z, self.grid_y),
         }
         name = f"samples/step_{self.step:07d}.png"
         try:
-            self.run_store.write_bytes(name, samples.encode_panels(panels, self.cfg.trainer.sample_columns))
+            self.run_store.write_bytes(name, grids.encode_panels(panels, self.cfg.trainer.sample_columns))
         except DataError as err:  # storage down for longer than its retries: a grid never stops a run
             log.warning("samples: cannot write %s (%s); training goes on", name, err)
             return

@@ -1,4 +1,4 @@
-"""One interface for named bytes under a local folder or an ``s3://bucket/prefix``.
+"""``S3Store``: a ``Store`` on an ``s3://bucket/prefix``.
 
 S3 goes through boto3, which takes the endpoint and credentials from the standard AWS variables
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), so the same
@@ -16,240 +16,33 @@ import logging
 import os
 import random
 import re
-import secrets
-import shutil
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
-from urllib.parse import urlparse
 
 import webdataset
 
 from data_pipeline.errors import DataError, ObjectNotFound
+from data_pipeline.storage.base import (
+    DEFAULT_BACKOFF_SECONDS,
+    DEFAULT_MAX_RETRIES,
+    READ_BUFFER_BYTES,
+    Store,
+    count_retry,
+    open_store,
+    split_url,
+)
+from data_pipeline.storage.redaction import redact, scrub_credentials
 
-DEFAULT_MAX_RETRIES = 6
-DEFAULT_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 30.0
-READ_BUFFER_BYTES = 1 << 20
 MULTIPART_THRESHOLD_BYTES = 16 * 2**20
 MULTIPART_CHUNK_BYTES = 16 * 2**20
 
 T = TypeVar("T")
 log = logging.getLogger("data_pipeline")
 
-_retry_lock = threading.Lock()
-_retries = 0
 _read_lock = threading.Lock()
-
-
-def retry_count() -> int:
-    """Retries of S3 requests made by this process so far; read it twice and subtract for a delta."""
-    return _retries
-
-
-def _count_retry(store: Store) -> None:
-    global _retries
-    with _retry_lock:
-        _retries += 1
-        store.retries += 1
-
-
-class Store(ABC):
-    """Bytes and files by name under one root (a local folder or an S3 prefix).
-
-    Names are relative, ``/``-separated paths such as ``manifest.parquet`` or ``step_10/model.pt``.
-    """
-
-    url: str
-    retries: int = 0  # transient failures retried by this store (the process-wide total: retry_count())
-    bytes_read: int = 0  # object bytes this store received from S3 (not counted for local folders)
-    gets: int = 0  # GET requests this store sent to S3 for reading (resumes included)
-
-    @abstractmethod
-    def read_bytes(self, name: str) -> bytes: ...
-
-    @abstractmethod
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Write atomically: a reader sees the old object or the whole new one, never a part."""
-
-    @abstractmethod
-    def upload_file(self, name: str, path: str | os.PathLike[str]) -> None:
-        """Copy a local file to ``name`` atomically (multipart for large files on S3)."""
-
-    @abstractmethod
-    def open_read(self, name: str) -> BinaryIO:
-        """A binary stream of the object; on S3 it survives dropped connections (ranged-GET resume)."""
-
-    @abstractmethod
-    def read_range(self, name: str, start: int, end: int) -> tuple[bytes, int]:
-        """Bytes ``start..end-1`` of the object (fewer where it ends sooner) and the object's size."""
-
-    @abstractmethod
-    def exists(self, name: str) -> bool: ...
-
-    @abstractmethod
-    def list(self, prefix: str = "") -> list[str]:
-        """Names (relative to the store root) that start with ``prefix``, sorted."""
-
-    @abstractmethod
-    def delete(self, names: Iterable[str]) -> None:
-        """Delete the named objects; names that do not exist are ignored."""
-
-    def url_of(self, name: str) -> str:
-        return f"{self.url.rstrip('/')}/{name}" if name else self.url
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
-
-
-def open_store(
-    url: str,
-    *,
-    max_retries: int = DEFAULT_MAX_RETRIES,
-    backoff_seconds: float = DEFAULT_BACKOFF_SECONDS,
-) -> Store:
-    """The store for a local path (or ``file://`` URL) or an ``s3://bucket/prefix`` URL."""
-    if not isinstance(url, str) or not url.strip():
-        raise DataError(f"empty data URL {url!r}: give a local folder or s3://bucket/prefix")
-    parsed = urlparse(url)
-    if redact(url) != url:
-        raise DataError(
-            f"{redact(url)} carries credentials: remove the user:password@ part (a URL ends up in logs and "
-            "in the config saved with checkpoints) and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-        )
-    if parsed.scheme == "s3":
-        bucket, prefix = parsed.netloc, parsed.path.strip("/")
-        if not bucket:
-            raise DataError(f"no bucket in {url!r}: write s3://BUCKET/PREFIX")
-        return S3Store(bucket, prefix, max_retries=max_retries, backoff_seconds=backoff_seconds)
-    if parsed.scheme == "file":
-        return LocalStore(parsed.path)
-    if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
-        raise DataError(f"unsupported URL scheme in {url!r}: use a local path or s3://bucket/prefix")
-    return LocalStore(url)
-
-
-# scheme://user:password@host, also with a password holding "/" (as AWS secret keys may)
-_USERINFO = re.compile(r"(?<=://)(?:[^/@:]+:[^@]*|[^/@]*)@")
-
-
-def redact(url: str) -> str:
-    """``url`` with the credentials of a ``scheme://user:password@host`` replaced by ``***``."""
-    return _USERINFO.sub("***@", url)
-
-
-def scrub_credentials(text: str) -> str:
-    """``text`` without the values of the AWS credential variables (for anything shown or logged)."""
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
-        value = os.environ.get(name, "")
-        if len(value) >= 8:  # a shorter value is a placeholder, and would mangle ordinary words
-            text = text.replace(value, f"<{name}>")
-    return redact(text)
-
-
-class CredentialFilter(logging.Filter):
-    """A logging filter that scrubs credentials from every record a handler writes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = scrub_credentials(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        if record.exc_info and not record.exc_text:  # the traceback, as the handler would format it
-            record.exc_text = scrub_credentials(logging.Formatter().formatException(record.exc_info))
-        return True
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """``(folder URL, name)`` for a URL to one object, e.g. ``s3://b/p/x.tar`` -> ``(s3://b/p, x.tar)``."""
-    head, _, name = url.rstrip("/").rpartition("/")
-    if not name or not head or head.endswith(":/"):
-        raise DataError(f"{url!r} does not name an object inside a folder or bucket")
-    return head, name
-
-
-# --------------------------------------------------------------------------------------------------
-# Local folders
-
-
-class LocalStore(Store):
-    def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root).expanduser()
-        self.url = str(root)
-
-    def _path(self, name: str) -> Path:
-        return self.root / name
-
-    def read_bytes(self, name: str) -> bytes:
-        with self.open_read(name) as stream:
-            return stream.read()
-
-    def open_read(self, name: str) -> BinaryIO:
-        path = self._path(name)
-        try:
-            return open(path, "rb")
-        except FileNotFoundError:
-            raise ObjectNotFound(f"{path} does not exist") from None
-        except OSError as exc:
-            raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-    def read_range(self, name: str, start: int, end: int) -> tuple[bytes, int]:
-        with self.open_read(name) as stream:
-            try:
-                size = os.fstat(stream.fileno()).st_size
-                stream.seek(start)
-                return stream.read(max(0, end - start)), size
-            except OSError as exc:
-                raise DataError(f"cannot read {self._path(name)}: {exc.strerror or exc}") from None
-
-    def _atomic_write(self, name: str, fill: Callable[[BinaryIO], None]) -> None:
-        path = self._path(name)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666
-            )  # honours the umask, unlike mkstemp
-        except OSError as exc:
-            raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
-        try:
-            with os.fdopen(fd, "wb") as out:
-                fill(out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        self._atomic_write(name, lambda out: out.write(data))
-
-    def upload_file(self, name: str, path: str | os.PathLike[str]) -> None:
-        def copy(out: BinaryIO) -> None:
-            with open(path, "rb") as src:
-                shutil.copyfileobj(src, out, READ_BUFFER_BYTES)
-
-        self._atomic_write(name, copy)
-
-    def exists(self, name: str) -> bool:
-        return self._path(name).is_file()
-
-    def list(self, prefix: str = "") -> list[str]:
-        if not self.root.is_dir():
-            return []
-        names = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
-        return sorted(n for n in names if n.startswith(prefix))
-
-    def delete(self, names: Iterable[str]) -> None:
-        for name in names:
-            self._path(name).unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------------
 # S3 through boto3
 
 _CREDENTIAL_VARIABLES = (
@@ -444,7 +237,7 @@ class S3Store(Store):
         if attempt >= self.max_retries:
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return DataError(f"cannot reach {url} after {self.max_retries} retries: {detail}")
-        _count_retry(self)
+        count_retry(self)
         time.sleep(self.backoff(attempt))
         return None
 
@@ -648,8 +441,8 @@ webdataset.gopen_schemes["s3"] = _gopen_s3
 
 def _after_fork_in_child() -> None:
     """A thread of the parent may have held a lock at the fork; the child starts with fresh ones."""
-    global _retry_lock, _read_lock, _clients_lock
-    _retry_lock, _read_lock, _clients_lock = threading.Lock(), threading.Lock(), threading.Lock()
+    global _read_lock, _clients_lock
+    _read_lock, _clients_lock = threading.Lock(), threading.Lock()
     _clients.clear()
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from data_pipeline.errors import first_line
 from data_pipeline.storage import open_store, split_url
 
 EXTRACTORS = ("classifier", "efficientnet-lite0", "inception")
@@ -60,7 +61,7 @@ def read_weights(url: str) -> bytes:
 
 
 def inception_extractor(weights: str, device: torch.device) -> FeatureExtractor:
-    from trainer.inception import FIDInceptionV3
+    from evaluation.extractors.inception import FIDInceptionV3
 
     if not weights:
         raise ExtractorError(
@@ -77,9 +78,8 @@ def inception_extractor(weights: str, device: torch.device) -> FeatureExtractor:
         # the converted files may lack batch norm's num_batches_tracked counters (unused in eval mode)
         missing, unexpected = network.load_state_dict(state, strict=False)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ExtractorError(
-            f"{weights} is not the FID Inception-v3 state dict ({INCEPTION_FILES}): {first}"
+            f"{weights} is not the FID Inception-v3 state dict ({INCEPTION_FILES}): {first_line(err)}"
         ) from None
     wrong = [f"missing {k}" for k in missing if not k.endswith("num_batches_tracked")]
     wrong += [f"unexpected {k}" for k in unexpected]
@@ -92,7 +92,7 @@ def inception_extractor(weights: str, device: torch.device) -> FeatureExtractor:
 
 
 def efficientnet_extractor(device: torch.device) -> FeatureExtractor:
-    from trainer.efficientnet_lite import EfficientNetLite0, weights_path
+    from evaluation.extractors.efficientnet_lite import EfficientNetLite0, weights_path
 
     path = weights_path()
     payload = Path(path).read_bytes()

@@ -9,7 +9,7 @@ skips began, keeping the data stream where it is (the batches that went wrong ar
 after ``trainer.nonfinite_max_reloads`` such reloads the run stops with a one-line error.
 
 The guard only counts, on the device: it is fed the ``skipped`` flag (a 0-dim tensor, 1.0 for a skipped
-update) of every update, which every rank decides alike (``gan_step``), and the trainer reads its
+update) of every update, which every rank decides alike (``trainer.backends.base``), and the trainer reads its
 count with the logging interval's other values (``poll``), so every rank reloads at the same step and
 a step never waits for the device on its account. A reload therefore comes at the first log step
 once ``nonfinite_reload_after`` skips in a row are reached.

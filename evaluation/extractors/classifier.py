@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from data_pipeline.errors import DataError, ObjectNotFound
 from data_pipeline.manifest import read_manifest
 from data_pipeline.storage import open_store
-from trainer.reference import EVAL_FOLDER, dataset_hash, read_images
+from evaluation.real import EVAL_FOLDER, dataset_hash, read_images
 
-log = logging.getLogger("trainer")
+log = logging.getLogger("evaluation")
 
 HOLDOUT_EVERY = 10  # without a test split, every 10th training image is held out
 MAX_TRAIN_IMAGES = 200_000  # the classifier trains on at most this many images, held in memory

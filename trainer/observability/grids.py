@@ -17,7 +17,6 @@ from torch import nn
 MAX_GRID_CLASSES = 10
 PANEL_GAP = 12  # pixels between the G-EMA and G panels
 LABEL_HEIGHT = 14  # the strip above each panel holding its name
-GENERATORS = {"ema": "G-EMA", "g": "G"}
 
 
 def grid_classes(num_classes: int, classes: list[int] | None = None) -> list[int]:
@@ -113,11 +112,6 @@ def write_atomically(data: bytes, path: str | Path) -> Path:
     return path
 
 
-def save_grid(images: torch.Tensor, path: str | Path, columns: int, padding: int = 2) -> Path:
-    """Write the grid of ``images`` as a PNG file, atomically."""
-    return write_atomically(encode_grid(images, columns, padding), path)
-
-
 def sample_grid(
     checkpoint_url: str,
     out: str | Path,
@@ -130,33 +124,18 @@ def sample_grid(
     """Draw a checkpoint's G-EMA (``ema``), G (``g``) or both side by side (``both``): one row per class.
 
     By default with the trainer's noise, so the grid of a checkpoint of step N is its run's
-    ``samples/step_N.png``. G-EMA's batch-norm statistics are those of the checkpoint's step, as the
-    trainer measures them (``models.ema.load_ema_generator``).
+    ``samples/step_N.png`` (``trainer.checkpoint.generator`` loads them as the trainer drew them).
     """
-    from models.ema import load_ema_generator
-    from models.sagan import build_models
-    from trainer.checkpoint import load_folder, resolve
-    from trainer.config import from_dict
-    from trainer.gan_step import lay_out
+    from trainer.checkpoint.generator import GENERATORS, load_generators
 
     if generator not in (*GENERATORS, "both"):
         raise ValueError(f"--generator {generator!r} is not one of ema, g, both")
-    state, manifest = load_folder(resolve(checkpoint_url))
-    cfg = from_dict(manifest["config"])
+    loaded = load_generators(checkpoint_url, tuple(GENERATORS) if generator == "both" else (generator,))
+    cfg = loaded.config
     columns = columns or cfg.trainer.sample_columns
-    rows = grid_classes(manifest["num_classes"], classes)
+    rows = grid_classes(loaded.num_classes, classes)
     z, y = fixed_inputs(
         cfg.model.z_dim, rows, columns, cfg.trainer.seed if seed is None else seed, torch.device("cpu")
     )
-    # The layout the trainer drew its grids in: another one rounds differently, a pixel here and there.
-    channels_last = cfg.trainer.channels_last and cfg.trainer.backend == "ddp"
-    panels = {}
-    for key in GENERATORS if generator == "both" else (generator,):
-        G, _ = build_models(cfg.model, manifest["num_classes"])
-        lay_out(G, torch.device("cpu"), channels_last=channels_last)
-        if key == "ema":
-            load_ema_generator(G, state, manifest["num_classes"])
-        else:
-            G.load_state_dict(state["backend"]["G"])
-        panels[GENERATORS[key]] = draw(G, z, y)
+    panels = {GENERATORS[key]: draw(G, z, y) for key, G in loaded.nets.items()}
     return write_atomically(encode_panels(panels, columns), out)

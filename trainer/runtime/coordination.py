@@ -35,7 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.distributed import Runtime
+from data_pipeline.errors import first_line
+from trainer.runtime.distributed import Runtime, broadcast_object
 
 log = logging.getLogger("trainer")
 
@@ -89,9 +90,7 @@ class ControlGroup:
         """Rank 0's ``value`` (anything picklable) on every rank."""
         if self.group is None:
             return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+        return broadcast_object(value, src=0, group=self.group)
 
     def close(self) -> None:
         """Finish the outstanding stop-flag exchange (every rank calls this at the same point)."""
@@ -180,7 +179,7 @@ class FailureNotice:
                 if self._stopping.is_set():
                     return
                 notice = {
-                    "message": f"rank {self.runtime.rank} lost the job's store ({_first_line(err)}): the rank or "
+                    "message": f"rank {self.runtime.rank} lost the job's store ({first_line(err)}): the rank or "
                     "node hosting it is gone",
                     "code": 1,
                 }
@@ -206,8 +205,3 @@ def record_for_launcher(message: str) -> None:
         ErrorHandler().record_exception(JobFailed(message))
     except OSError as err:
         log.warning("could not write torchrun's error file: %s", err)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline.storage import Store, open_store
-from trainer.run_log import read_run_log
+from trainer.observability.run_log import read_run_log
 
 SAMPLES_PREFIX = "samples/step_"
 SMOOTH_ABOVE_POINTS = 40  # more logged rows than this: a moving average over the raw values

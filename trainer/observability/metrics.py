@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 
 from trainer.config import MetricsConfig
-from trainer.distributed import Runtime
+from trainer.runtime.distributed import Runtime
 
 log = logging.getLogger("trainer")
 

@@ -24,7 +24,7 @@ from data_pipeline.manifest import MANIFEST_NAME, read_manifest
 from data_pipeline.storage import open_store
 from data_pipeline.stream import DataConfig, ShardStream
 
-log = logging.getLogger("trainer")
+log = logging.getLogger("evaluation")
 
 EVAL_FOLDER = "eval"
 READ_BATCH = 250

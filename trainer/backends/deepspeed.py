@@ -31,20 +31,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import ConfigError, TrainerConfig
-from trainer.distributed import Runtime, ensure_process_group
-from trainer.gan_step import (
+from trainer.backends.base import (
+    GANBackend,
+    Nets,
     Update,
     batch_norm_groups,
     fused_adam,
     lay_out_like_parameters,
     loss_weight,
     mean_over_ranks,
-    nonfinite,
     rank_batch_size,
-    total_grad_norm,
+    step_if_finite,
     use_configured_hyperparameters,
 )
+from trainer.config import ConfigError, TrainerConfig
+from trainer.runtime.distributed import Runtime, ensure_process_group
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by deepspeed when it is first imported
@@ -56,8 +57,6 @@ from deepspeed.utils import (
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
 )
-
-from models.losses import d_hinge_loss, g_hinge_loss
 
 log = logging.getLogger("trainer")
 
@@ -110,7 +109,7 @@ def check_supported(cfg: TrainerConfig) -> None:
         )
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(GANBackend):
     """DeepSpeed engines for G and D behind the same interface as ``DDPBackend``."""
 
     def __init__(self, G: nn.Module, D: nn.Module, cfg: TrainerConfig, runtime: Runtime):
@@ -126,7 +125,7 @@ class DeepSpeedBackend:
         self.world_size = runtime.world_size
         self.dtype = DTYPES[cfg.precision]
         per_rank_batch = rank_batch_size(cfg, runtime)
-        self.loss_weight = loss_weight(cfg, runtime)  # uneven per-rank batches: see gan_step.loss_weight
+        self.loss_weight = loss_weight(cfg, runtime)  # uneven per-rank batches: see base.loss_weight
         G, D = G.to(runtime.device), D.to(runtime.device)
         _start_equal(G, D)
         self.g_engine = self._engine(
@@ -148,35 +147,26 @@ class DeepSpeedBackend:
         return engine
 
     # --- the update ----------------------------------------------------------------------------------
-    def d_step(
-        self, real: torch.Tensor, y_real: torch.Tensor, z: torch.Tensor, y_fake: torch.Tensor
-    ) -> Update:
-        with torch.no_grad():
-            fake = self.g_engine.module(z.to(self.dtype), y_fake)
-        logits = self.d_engine(torch.cat([real.to(self.dtype), fake]), torch.cat([y_real, y_fake]))
-        loss = d_hinge_loss(logits[: real.shape[0]], logits[real.shape[0] :]) * self.loss_weight
-        return self._apply(loss, self.d_engine)
+    def _nets(self) -> Nets:
+        return Nets(
+            generate_for_d=self.g_engine.module, d_train=self.d_engine, g_train=self.g_engine, d_frozen=self.D
+        )
 
-    def g_step(self, z: torch.Tensor, y_fake: torch.Tensor) -> Update:
-        self.D.requires_grad_(False)
-        try:
-            loss = g_hinge_loss(self.D(self.g_engine(z.to(self.dtype), y_fake), y_fake)) * self.loss_weight
-            return self._apply(loss, self.g_engine)
-        finally:
-            self.D.requires_grad_(True)
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.dtype)
 
-    def _apply(self, loss: torch.Tensor, engine) -> Update:
+    def _noise(self, z: torch.Tensor) -> torch.Tensor:
+        return z.to(self.dtype)
+
+    def _apply(self, loss: torch.Tensor, net: str) -> Update:
+        engine = self.g_engine if net == "g" else self.d_engine
         loss_mean = mean_over_ranks(loss, self.world_size)  # NaN on every rank when any rank's loss is
         if engine.optimizer is engine.basic_optimizer:
             # fp32 without ZeRO: DeepSpeed calls our fused Adam as is, so the decision is ours, on the device.
             engine.backward(loss)
-            norm = total_grad_norm(list(engine.module.parameters()), self.device)
-            skipped = nonfinite(loss_mean, norm)
-            engine.optimizer.found_inf = skipped
-            try:
-                engine.step()
-            finally:
-                del engine.optimizer.found_inf
+            norm, skipped = step_if_finite(
+                engine.optimizer, loss_mean, engine.module, self.device, step=engine.step
+            )
             return Update(loss_mean, norm, skipped)
         # DeepSpeed's own optimizer checks the averaged gradients for inf/NaN on the host and skips such a
         # step. A non-finite mean loss makes every gradient NaN here (x * 1.0 is x), so all ranks skip alike.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -103,9 +102,3 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
         features = F.relu6(self._bn1(self._conv_head(x))).mean(dim=(2, 3))
         return features, self._fc(features)
-
-
-def load_efficientnet_lite0(path: str | None = None) -> EfficientNetLite0:
-    model = EfficientNetLite0()
-    model.load_state_dict(torch.load(path or weights_path(), map_location="cpu", weights_only=True))
-    return model.eval().requires_grad_(False)

@@ -24,6 +24,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -206,6 +207,13 @@ def init_runtime(device: str = "auto", timeout_seconds: int = 600) -> Runtime:
         launch.local_world_size,
         launch.restart_count,
     )
+
+
+def broadcast_object(value: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
+    """Rank ``src``'s ``value`` (anything picklable) on every rank of ``group``; a collective."""
+    box = [value]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
 
 
 def ensure_process_group(runtime: Runtime) -> None:
