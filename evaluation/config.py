@@ -23,8 +23,11 @@ class EvalConfig:
     classifier_epochs: int = 2  # the dataset classifier, when it has to be trained
     classifier_width: int = 16
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Raise a ValueError naming the first bad ``eval.*`` key."""
+        """Raise a ValueError naming the first bad ``eval.*`` key (an EvalConfig checks itself when made)."""
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"eval.metrics contains {unknown[0]!r}: choose from {', '.join(METRICS)}")

@@ -77,7 +77,6 @@ class Evaluator:
         device: torch.device | str = "cpu",
         num_workers: int = 0,
     ):
-        cfg.validate()
         if cfg.num_samples < world_size:
             raise ValueError(
                 f"eval.num_samples={cfg.num_samples} is smaller than the world size {world_size}: "

@@ -33,7 +33,6 @@ def _eval_config(base: EvalConfig, args: argparse.Namespace) -> EvalConfig:
     cfg = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
     if not cfg.metrics:
         raise ValueError("--metrics is empty: give some of fid,kid,is,accuracy")
-    cfg.validate()
     return cfg
 
 

@@ -61,9 +61,6 @@ class JobShape:
     def procs_per_node(self) -> int:
         return max(1, self.gpus_per_node)
 
-    def world_sizes(self) -> list[int]:
-        return [nodes * self.procs_per_node for nodes in range(self.min_nodes, self.max_nodes + 1)]
-
     def describe(self, nodes: int) -> str:
         unit = f"{self.gpus_per_node} GPUs" if self.gpus_per_node else "1 CPU process"
         return f"{nodes} node{'s' if nodes != 1 else ''} × {unit}"

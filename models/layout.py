@@ -2,7 +2,7 @@
 
 Layouts round differently, so a net drawn in another layout than the one it was trained in gives
 other pixels here and there: the trainer, ``sagan sample`` and every loader of a generator use
-``lay_out``.
+``to_training_layout``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 from models.sagan import nchw_small_maps
 
 
-def lay_out(net: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:
+def to_training_layout(net: nn.Module, device: torch.device, *, channels_last: bool) -> nn.Module:
     """``net`` on ``device`` in the layout the DDP backend trains it in: NHWC with ``channels_last``,
     except D blocks on 4x4 maps on a CPU (``models.sagan.nchw_small_maps``: oneDNN's NHWC convolutions
     are the slower ones there); 1x1 conv weights with standard strides."""

@@ -87,9 +87,7 @@ def attention_stages(
 
 def check_resolution(resolution: int, key: str = "resolution") -> None:
     if resolution not in RESOLUTIONS:
-        raise ValueError(
-            f"{key}={resolution!r} is not supported; use one of {', '.join(map(str, RESOLUTIONS))}"
-        )
+        raise ValueError(f"{key}={resolution!r} is not one of {', '.join(map(str, RESOLUTIONS))}")
 
 
 def check_at_least_one(value: int, key: str) -> None:
@@ -279,8 +277,11 @@ class ModelConfig:
     sn_eps: float = 1e-6
     bn_eps: float = 1e-5
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Raise a ValueError naming the first bad `model.*` key."""
+        """Raise a ValueError naming the first bad `model.*` key (a ModelConfig checks itself when made)."""
         check_resolution(self.resolution, "model.resolution")
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(
@@ -317,7 +318,6 @@ class ModelConfig:
 
 def build_models(cfg: ModelConfig, num_classes: int) -> tuple[Generator, Discriminator]:
     """G and D for `cfg`; `num_classes` is the dataset's count, used when cfg.num_classes is 0."""
-    cfg.validate()
     if cfg.num_classes and cfg.num_classes != num_classes:
         raise ValueError(
             f"model.num_classes={cfg.num_classes} but the dataset has {num_classes} classes; "

@@ -249,3 +249,52 @@ def test_missing_credentials_for_checkpoints_is_a_one_line_error(digits, tmp_pat
     errors = [line for line in result.stderr.splitlines() if line.startswith("sagan train: error: ")]
     assert len(errors) == 1 and "no S3 credentials" in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+BEFORE_REDESIGN = ROOT / "tests" / "fixtures" / "checkpoint-before-redesign"
+
+
+def test_a_checkpoint_written_before_the_redesign_resumes_samples_and_evaluates(tmp_path):
+    """``tests/fixtures/checkpoint-before-redesign``: step 10 of ``configs/smoke.yaml`` (first-use digits
+    at data/digits-32) written by the code of f0ccd90, before the packages moved. Today's code resumes
+    it where its stream stopped, draws its grid and scores it."""
+    import shutil
+
+    from data_pipeline.prepare import parse_size, prepare
+
+    data = tmp_path / "digits-32"  # the same dataset as first use prepared then: same manifest
+    prepare("digits", str(data), image_size=32, shard_size=parse_size("8MB"), seed=0, progress=False)
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(BEFORE_REDESIGN, checkpoints)
+    saved, saved_manifest = load_folder(checkpoints / "step_10")
+    assert saved_manifest["step"] == 10 and "G_ema_statistics" in saved
+
+    result = run(
+        [SAGAN, "train", "configs/smoke.yaml", f"data.url={data}", f"run.dir={tmp_path / 'run'}",
+         f"checkpoint.url={checkpoints}", "trainer.max_steps=14", "checkpoint.interval_steps=2"]
+    )  # fmt: skip
+    log = assert_ok(result)
+    assert f"resumed from {checkpoints / 'step_10'} at step 10" in log
+    resumed, manifest = load_folder(checkpoints / "step_14")
+    assert manifest["step"] == 14 and resumed["step"] == 14
+    # The stream went on from the saved position: 4 more global batches of 16 consumed.
+    consumed = json.loads(resumed["data"])
+    before = json.loads(saved["data"])
+    assert consumed != before
+    # Training went on from the saved weights, not from scratch.
+    g_before, g_after = saved["backend"]["G"], resumed["backend"]["G"]
+    assert g_before.keys() == g_after.keys()
+    assert any(not torch.equal(g_before[k], g_after[k]) for k in g_before)
+
+    grid = tmp_path / "grid.png"
+    assert_ok(run([SAGAN, "sample", "--checkpoint", str(checkpoints / "step_10"), "--out", str(grid)]))
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scores = tmp_path / "eval.json"
+    evaluated = run(
+        [SAGAN, "eval", "--checkpoint", str(checkpoints / "step_10"), "--num-samples", "64",
+         "--num-reference", "200", "--metrics", "fid,accuracy", "--out", str(scores)]
+    )  # fmt: skip
+    assert_ok(evaluated)
+    (result,) = json.loads(scores.read_text())
+    assert result["step"] == 10 and result["num_samples"] == 64
+    assert result["metrics"]["fid"] > 0 and 0 <= result["metrics"]["accuracy"] <= 1

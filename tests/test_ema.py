@@ -23,7 +23,7 @@ from models.ema import (
     load_ema_generator,
     recompute_batch_norm,
 )
-from models.layout import lay_out
+from models.layout import to_training_layout
 from models.sagan import Generator, attention_gammas, build_models
 from trainer.checkpoint.format import load_folder
 from trainer.config import from_dict
@@ -316,7 +316,7 @@ def test_a_save_does_not_wait_for_g_ema_statistics_and_readers_measure_them_the_
     cfg = from_dict(manifest["config"])
     G, _ = build_models(cfg.model, NUM_CLASSES)
     load_ema_generator(
-        lay_out(G, torch.device("cpu"), channels_last=True), state, NUM_CLASSES
+        to_training_layout(G, torch.device("cpu"), channels_last=True), state, NUM_CLASSES
     )  # the trainer's layout
     z, y = fixed_inputs(cfg.model.z_dim, list(range(NUM_CLASSES)), cfg.trainer.sample_columns, cfg.trainer.seed,
                         torch.device("cpu"))  # fmt: skip
@@ -339,14 +339,18 @@ def test_g_ema_loaded_into_a_trainer_is_measured_again_even_at_a_step_already_me
     overrides = [f"data.url={digits}", f"run.dir={tmp_path / 'run'}", "data.num_workers=0", "metrics.port=0"]
     cfg = load_config(str(REPO / "configs" / "smoke.yaml"), overrides)
     trainer = Trainer(cfg, init_runtime("cpu"))
-    trainer.ready_ema()  # step 0: measured
+    trainer.ema_with_own_statistics()  # step 0: measured
     state = trainer.state_dict()
     with torch.no_grad():
         for name, value in state["G_ema"].items():
             if value.is_floating_point() and "running" not in name:
                 value.add_(0.1 * torch.randn_like(value))  # other weights, the same step
     trainer.load_state_dict(state)
-    measured = {n: b.clone() for n, b in trainer.ready_ema().named_buffers() if n.endswith("running_var")}
+    measured = {
+        n: b.clone()
+        for n, b in trainer.ema_with_own_statistics().named_buffers()
+        if n.endswith("running_var")
+    }
     by_hand, _ = build_models(cfg.model, trainer.num_classes)
     by_hand.load_state_dict(state["G_ema"])
     recipe = trainer.ema_statistics_recipe()

@@ -393,6 +393,12 @@ def test_training_evaluates_g_ema_for_metrics_run_log_checkpoint_and_json(digits
     assert by_step[4]["loss_d"] is not None  # the training row of the same step is kept
     manifest = json.loads((run / "checkpoints" / "step_4" / "manifest.json").read_text())
     assert manifest["fid"] == pytest.approx(result["metrics"]["fid"])
+    # sagan eval of the checkpoint repeats the number: G-EMA loaded in the layout it was trained in
+    assert cfg.trainer.channels_last
+    offline = tmp_path / "offline.json"
+    assert main(["eval", "--checkpoint", str(run), "--out", str(offline)]) == 0
+    (again,) = json.loads(offline.read_text())
+    assert again["metrics"] == result["metrics"]
 
 
 def test_a_failing_evaluation_is_counted_and_training_and_its_checkpoint_go_on(digits, tmp_path):

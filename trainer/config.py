@@ -87,9 +87,6 @@ class Config:
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.resolution": (32, 64, 128),
-    "model.attention_impl": ("auto", "sdpa", "math"),
-    "model.init": ("orthogonal", "xavier", "normal"),
     "trainer.backend": ("ddp", "deepspeed"),
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.device": ("auto", "cpu", "cuda"),
@@ -111,7 +108,6 @@ POSITIVE = (
     "checkpoint.keep_last",
 )
 NON_NEGATIVE = (
-    "model.num_classes",
     "metrics.port",
     "trainer.seed",
     "trainer.bn_group_size",
@@ -222,11 +218,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={betas!r} must be two numbers in [0, 1)")
     if not 0.0 <= cfg.trainer.ema_decay < 1.0:
         raise ConfigError(f"trainer.ema_decay={cfg.trainer.ema_decay!r} must be in [0, 1)")
-    try:
-        cfg.model.validate()
-        cfg.eval.validate()
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
     if not cfg.data.url:
         raise ConfigError("data.url is empty: give a shard folder or an s3:// prefix")
 
@@ -248,7 +239,10 @@ def _build(cls: type, tree: Any, prefix: str) -> Any:
             kwargs[key] = _build(kind, value, f"{dotted}.")
         else:
             kwargs[key] = _coerce(value, kind, dotted)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)  # a section's dataclass checks its own values (models, data, evaluation)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:

@@ -168,7 +168,7 @@ class Trainer:
         self.stream.load_state_dict(json.loads(state["data"]))
         restore_rng_state(state.get("rng"), self.runtime.rank)
 
-    def ready_ema(self) -> torch.nn.Module:
+    def ema_with_own_statistics(self) -> torch.nn.Module:
         """G-EMA with batch-norm statistics measured on its own weights at this step (every rank calls this).
 
         Sample grids and evaluation use it. A checkpoint saves G-EMA with the recipe of these statistics
@@ -222,7 +222,7 @@ class Trainer:
         if self.runtime.is_main:
             try:
                 if not in_time:
-                    raise CheckpointError(self._late(self.saved_step))
+                    raise CheckpointError(self._not_committed_in_time(self.saved_step))
                 self.checkpointer.wait()
             except CheckpointError as err:
                 error = str(err)
@@ -247,7 +247,7 @@ class Trainer:
         self.control.wait_for_rank0(idle)
         return not self.control.from_rank0(late)
 
-    def _late(self, step: int | None) -> str:
+    def _not_committed_in_time(self, step: int | None) -> str:
         return (
             f"checkpoint step_{step} was not committed to {self.checkpointer.url} within "
             f"trainer.preemption_grace_seconds={self.cfg.trainer.preemption_grace_seconds:g}; the previous "
@@ -400,7 +400,7 @@ class Trainer:
         )
         if self.saved_step != self.step:
             if not self._wait_for_writer(deadline):  # the save before this one is still being written
-                raise CheckpointError(self._late(self.saved_step))
+                raise CheckpointError(self._not_committed_in_time(self.saved_step))
             self.save_checkpoint()
         if self.runtime.is_main:
             self.run_log.flush()
@@ -419,7 +419,7 @@ class Trainer:
         checkpoint) goes on without its scores; what it needs was checked before the first step."""
         self.metrics.eval_running_since.set_to_current_time()
         try:
-            result = self.evaluator.evaluate(self.ready_ema(), step=self.step, name="G-EMA")
+            result = self.evaluator.evaluate(self.ema_with_own_statistics(), step=self.step, name="G-EMA")
         except Exception as err:
             self.metrics.eval_failures.inc()
             log.error(
@@ -492,7 +492,7 @@ class Trainer:
             progress.set_postfix(d=f"{d_update.loss:.3f}", g=f"{g_update.loss:.3f}", img_s=f"{rate:.0f}")
 
     def _save_samples(self) -> None:
-        G_ema = self.ready_ema()
+        G_ema = self.ema_with_own_statistics()
         if not self.runtime.is_main:
             return
         panels = {

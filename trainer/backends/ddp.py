@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from models.layout import lay_out
+from models.layout import to_training_layout
 from trainer.backends.base import (
     GANBackend,
     Nets,
@@ -45,8 +45,8 @@ class DDPBackend(GANBackend):
         self.device = runtime.device
         self.world_size = runtime.world_size
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.G = lay_out(G, self.device, channels_last=cfg.channels_last)
-        self.D = lay_out(D, self.device, channels_last=cfg.channels_last)
+        self.G = to_training_layout(G, self.device, channels_last=cfg.channels_last)
+        self.D = to_training_layout(D, self.device, channels_last=cfg.channels_last)
         self.generate = batch_norm_groups(self.G, cfg, runtime)
         self.loss_weight = loss_weight(cfg, runtime)
         if runtime.distributed:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from models.ema import load_ema_generator
-from models.layout import lay_out
+from models.layout import to_training_layout
 from models.sagan import build_models
 from trainer.checkpoint.format import load_folder
 from trainer.checkpoint.resume import resolve
@@ -52,7 +52,7 @@ def load_generators(
     nets = {}
     for key in which:
         G, _ = build_models(cfg.model, num_classes)
-        lay_out(G, device, channels_last=channels_last)
+        to_training_layout(G, device, channels_last=channels_last)
         if key == "ema":
             load_ema_generator(G, state, num_classes)
         else:
