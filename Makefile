@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0+cpu
 BIN := $(VENV)/bin
 APT_PACKAGES := dataset-fashion-mnist prometheus
 
-.PHONY: setup system train smoke test bench lint format k8s-manifests clean
+.PHONY: setup system train smoke test bench gpu-wheels lint format k8s-manifests clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ smoke: setup
 # The benchmarks (about an hour on 2 cores): JSON in benchmarks/results/, tables in docs/performance.md.
 bench: setup system
 	$(BIN)/python -m benchmarks
+
+# Wheels the GPU machine's image lacks (never torch), for benchmarks/gpu_check.sh to install there.
+gpu-wheels: setup
+	bash benchmarks/gpu_wheels.sh
 
 lint: setup
 	$(BIN)/ruff check .

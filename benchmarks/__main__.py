@@ -4,6 +4,8 @@
     python -m benchmarks step attention         # the named ones
     python -m benchmarks step --compile         # the step benchmark with a torch.compile contender too
     python -m benchmarks --quick                # tiny sizes: checks the machinery in a minute or two
+    python -m benchmarks gpu                    # the device check on a GPU (not part of "all")
+    python -m benchmarks gpu --quick --device cpu   # its every stage at tiny sizes on the CPU
 
 Each benchmark prints the CPU model, its bf16 instructions, the thread count and ``uptime`` before
 and after (the machine may be shared: contenders alternate in one process so that both see the same
@@ -24,6 +26,7 @@ import torch
 from benchmarks import (
     attention_bench,
     checkpoint_bench,
+    gpu_bench,
     report,
     scaling_bench,
     step_bench,
@@ -32,11 +35,16 @@ from benchmarks import (
 )
 
 QUICK_RESULTS = report.ROOT / "runs" / "bench-quick"
-NAMES = ("step", "attention", "train", "data", "checkpoint", "scaling")
+NAMES = ("step", "attention", "train", "data", "checkpoint", "scaling")  # all, on the machine at hand
+DEVICE_CHECKS = ("gpu",)  # by name only
 
 
 def options_for(name: str, args: argparse.Namespace):
     repeats = {"repeats": args.repeats} if args.repeats else {}
+    if name == "gpu":
+        if args.quick:
+            return gpu_bench.quick_options(args.device)
+        return gpu_bench.Options(device=args.device, **repeats)
     if name == "step":
         if args.quick:
             return step_bench.Options((32,), 1, 1, False, width=8, batch=4, z_dim=16, compile=args.compile)
@@ -74,6 +82,7 @@ RUNNERS = {
     "checkpoint": checkpoint_bench.run,
     "data": stream_bench.run,
     "scaling": scaling_bench.run,
+    "gpu": gpu_bench.run,
 }
 
 
@@ -86,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="step: add our path under torch.compile")
+    parser.add_argument("--device", default="cuda", help="gpu: the device to check (cpu with --quick)")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/performance.md")
     parser.add_argument(
         "--results",
@@ -104,9 +114,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.doc is None and args.quick:
         args.no_doc = True
     args.doc = args.doc or report.DOC
-    unknown = [name for name in args.names if name not in NAMES]
+    unknown = [name for name in args.names if name not in (*NAMES, *DEVICE_CHECKS)]
     if unknown:
-        parser.error(f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(NAMES)}")
+        parser.error(
+            f"unknown benchmark {', '.join(unknown)}: choose from {', '.join((*NAMES, *DEVICE_CHECKS))}"
+        )
     return args
 
 
@@ -115,12 +127,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     command = shlex.join(["python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])])
+    failed = 0
     for name in args.names or NAMES:
         print(f"== {name}", flush=True)
         result = RUNNERS[name](options_for(name, args), command)
         print(result.text(), flush=True)
         path = report.save(result, results=args.results, doc=None if args.no_doc else args.doc)
         print(f"saved {path}" + ("" if args.no_doc else f" and the tables in {args.doc}"), flush=True)
+        if name == "gpu":
+            failed |= gpu_bench.exit_status(result)
+    sys.exit(failed)
 
 
 if __name__ == "__main__":

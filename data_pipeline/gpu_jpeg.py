@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from data_pipeline.encodings import decode_pixels
+from data_pipeline.errors import first_line
 from data_pipeline.images import open_image
 
 log = logging.getLogger("data_pipeline")
@@ -41,6 +42,7 @@ class GpuJpegDecoder:
 
     def __init__(self, decode_jpeg: Callable[..., list[torch.Tensor]], rgb_mode: Any, device: torch.device):
         self.decode_jpeg, self.rgb_mode, self.device = decode_jpeg, rgb_mode, device
+        self.stream: torch.cuda.Stream | None = None  # made at the first CUDA decode
 
     def decode(self, images: torch.Tensor, jpegs: list[tuple[int, bytes]]) -> tuple[torch.Tensor, list[int]]:
         """The batch on the GPU with its JPEG slots filled, and the slots whose bytes would not decode."""
@@ -50,12 +52,34 @@ class GpuJpegDecoder:
         slots = [slot for slot, _ in jpegs]
         encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, data in jpegs]
         try:
-            decoded = self.decode_jpeg(encoded, mode=self.rgb_mode, device=self.device)
+            decoded = self._decode_ordered(encoded)
         except RuntimeError as exc:  # one bad image fails the whole call: decode this batch on the CPU
             log.warning("GPU JPEG decoding of a batch failed (%s); decoding it on the CPU", exc)
             return self.decode_on_cpu(images, jpegs)
         images[slots] = torch.stack(decoded)
         return images, []
+
+    def _decode_ordered(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``decode_jpeg`` ordered against the stream that consumes its output.
+
+        torchvision allocates the output on the current stream and fills it from nvJPEG's own stream,
+        which waits for nothing: on the training stream, the caching allocator may hand it a block that
+        kernels queued there still read. Here the output is allocated on a side stream that first waits
+        for the training stream; the training stream then waits for the side stream, and the output
+        is recorded as used by it, so its memory is not reused before the training stream is done.
+        """
+        if self.device.type != "cuda":
+            return self.decode_jpeg(encoded, mode=self.rgb_mode, device=self.device)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        consumer = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(consumer)
+        with torch.cuda.stream(self.stream):
+            decoded = self.decode_jpeg(encoded, mode=self.rgb_mode, device=self.device)
+        consumer.wait_stream(self.stream)
+        for image in decoded:
+            image.record_stream(consumer)
+        return decoded
 
     def decode_on_cpu(
         self, images: torch.Tensor, jpegs: list[tuple[int, bytes]]
@@ -87,8 +111,7 @@ def gpu_jpeg_decoder(
         try:
             from torchvision.io import ImageReadMode, decode_jpeg
         except Exception as exc:  # ImportError, or a torchvision built for another torch (RuntimeError)
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            reason = f"torchvision cannot be imported ({type(exc).__name__}: {detail})"
+            reason = f"torchvision cannot be imported ({type(exc).__name__}: {first_line(exc)})"
         else:
             if torch.cuda.is_available():
                 device = torch.device("cuda", torch.cuda.current_device())

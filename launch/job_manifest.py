@@ -224,11 +224,16 @@ def render(cfg: Config, request: JobRequest) -> list[dict[str, Any]]:
     check_name(request.name)
     if request.max_restarts < 0:
         raise JobError(f"--max-restarts {request.max_restarts} must not be negative")
+    pod_config = to_dict(cfg)
+    if request.shape.gpus_per_node and cfg.trainer.device == "auto":
+        # A pod that requests GPUs and sees none (no NVIDIA runtime, a driver older than the image's CUDA)
+        # fails in one line instead of training on its CPU for days.
+        pod_config["trainer"]["device"] = "cuda"
     config_map = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": f"{request.name}-config", "labels": _labels(request.name)},
-        "data": {CONFIG_KEY: yaml.safe_dump(to_dict(cfg), sort_keys=False)},
+        "data": {CONFIG_KEY: yaml.safe_dump(pod_config, sort_keys=False)},
     }
     job = _trainjob(cfg, request) if request.workload == "trainjob" else _pytorchjob(cfg, request)
     if request.namespace:

@@ -45,7 +45,7 @@ def batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:
 @torch.no_grad()
 def recompute_batch_norm(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]]) -> int:
     """BigGAN's standing statistics: reset every batch norm's running statistics and set them to the
-    exact average (momentum None) over ``model(*inputs)`` for each of ``batches``; returns the count.
+    exact average over ``model(*inputs)`` for each of ``batches``; returns the count.
 
     Like ``torch.optim.swa_utils.update_bn``, but only the batch norms run in train mode: the rest of
     the model stays in eval mode, so spectral norm's power iteration does not move its u and v.
@@ -58,9 +58,12 @@ def recompute_batch_norm(model: nn.Module, batches: Iterable[Sequence[torch.Tens
     try:
         for layer in layers:
             layer.reset_running_stats()
-            layer.momentum = None
             layer.train()
         for inputs in batches:
+            # The exact average, as momentum None gives it (the k-th batch weighs 1/k), without batch norm
+            # reading its batch count off the device at every layer (a host synchronisation on CUDA).
+            for layer in layers:
+                layer.momentum = 1.0 / (count + 1)
             model(*inputs)
             count += 1
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -23,6 +24,13 @@ def is_nhwc(weight: Tensor) -> bool:
         and not weight.is_contiguous()
         and weight.is_contiguous(memory_format=torch.channels_last)
     )
+
+
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off for ``device_type`` where it has autocast (meta tensors and others have none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def check_init(init: str, key: str = "init") -> None:
@@ -169,13 +177,17 @@ class SpectralNorm(nn.Module):
         return v
 
     def forward(self, weight: Tensor) -> Tensor:
-        matrix, v = self._matrix_and_v(weight)
-        if self.training:
-            v = self._power_method(weight, matrix, v, self.n_power_iterations)
-        # u and v are updated in place by the next power iteration: the graph keeps copies of them
-        u = self._u.clone(memory_format=torch.contiguous_format)
-        v = v.clone(memory_format=torch.contiguous_format)
-        return _Normalize.apply(weight, u, v, is_nhwc(weight))
+        # The power iteration and σ in the weight's own precision: CUDA's autocast would run ``mv`` in half
+        # precision (a σ from a low-precision W·v, and weight-sized casts every forward). The layer that
+        # uses W/σ casts it once, as autocast does for any weight.
+        with without_autocast(weight.device.type):
+            matrix, v = self._matrix_and_v(weight)
+            if self.training:
+                v = self._power_method(weight, matrix, v, self.n_power_iterations)
+            # u and v are updated in place by the next power iteration: the graph keeps copies of them
+            u = self._u.clone(memory_format=torch.contiguous_format)
+            v = v.clone(memory_format=torch.contiguous_format)
+            return _Normalize.apply(weight, u, v, is_nhwc(weight))
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return value
@@ -203,13 +215,17 @@ class _BatchNormAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gain, bias, running_mean, running_var, factor: float, eps: float, relu: bool):
+        # CUDA's kernel returns fp32 statistics for half inputs (the CPU's, the input's dtype): the
+        # per-channel coefficients are made in fp32 and applied in x's dtype, so the output keeps it.
         mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, factor)
-        mean, invstd = mean[:, None, None], (var + eps).rsqrt()[:, None, None]
-        scale = gain * invstd  # (N, C, 1, 1): x̂·gain + bias = x·scale + shift
-        out = torch.addcmul(bias - mean * scale, x, scale)
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 for float64 inputs
+        mean, invstd = mean.to(acc)[:, None, None], (var.to(acc) + eps).rsqrt()[:, None, None]
+        scale = gain.to(acc) * invstd  # (N, C, 1, 1): x̂·gain + bias = x·scale + shift
+        shift = bias.to(acc) - mean * scale
+        out = torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
         if relu:
             out.clamp_min_(0)
-        ctx.relu = relu
+        ctx.relu, ctx.gain_dtype, ctx.bias_dtype = relu, gain.dtype, bias.dtype
         ctx.save_for_backward(x, out, gain, mean, invstd, scale)
         return out
 
@@ -218,14 +234,18 @@ class _BatchNormAffine(torch.autograd.Function):
         x, out, gain, mean, invstd, scale = ctx.saved_tensors
         grad = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
         count = x.numel() // x.shape[1]  # N·H·W per channel
-        grad_bias = grad.sum((2, 3), keepdim=True)
-        grad_gain = invstd * ((grad * x).sum((2, 3), keepdim=True) - mean * grad_bias)  # Σ_hw grad·x̂
+        # per-channel sums accumulated in fp32 (float64 for float64); the activation-sized work in x's dtype
+        grad_bias = grad.sum((2, 3), keepdim=True, dtype=invstd.dtype)
+        grad_gain = invstd * ((grad * x).sum((2, 3), keepdim=True, dtype=invstd.dtype) - mean * grad_bias)
         # Batch norm's backward through x̂ = (x - mean)·invstd, with grad_x̂ = grad·gain, as an affine
         # function of grad and x: grad·scale + x·a + b per channel.
+        gain = gain.to(invstd.dtype)
         mean_grad = (gain * grad_bias).sum(0, keepdim=True) / count  # mean of grad_x̂
         mean_grad_xhat = (gain * grad_gain).sum(0, keepdim=True) / count  # mean of grad_x̂·x̂
         a = -invstd * invstd * mean_grad_xhat
-        grad_x = torch.addcmul(-invstd * mean_grad - mean * a, x, a).addcmul_(grad, scale)
+        b = -invstd * mean_grad - mean * a
+        grad_x = torch.addcmul(b.to(x.dtype), x, a.to(x.dtype)).addcmul_(grad, scale.to(x.dtype))
+        grad_gain, grad_bias = grad_gain.to(ctx.gain_dtype), grad_bias.to(ctx.bias_dtype)
         return grad_x, grad_gain, grad_bias, None, None, None, None, None
 
 
@@ -277,7 +297,8 @@ class ConditionalBatchNorm2d(nn.Module):
             return _BatchNormAffine.apply(
                 x, gain, bias, bn.running_mean, bn.running_var, running_factor(bn), bn.eps, relu
             )
-        out = bn(x) * gain + bias
+        out = bn(x)
+        out = out * gain.to(out.dtype) + bias.to(out.dtype)  # autocast's fp32 embeddings: x's dtype kept
         return F.relu(out) if relu else out
 
 

@@ -1,7 +1,6 @@
 """One interface for named bytes under a local folder or an ``s3://bucket/prefix``: ``Store``.
 
-``open_store`` picks the store for a URL (``local`` or ``s3``); a URL that carries credentials is
-refused (``redaction``). Transient failures are retried by the store, and counted per store and in a
+``urls.open_store`` picks the store for a URL (``local`` or ``s3``). Transient failures are retried by the store, and counted per store and in a
 process-local counter (``retry_count``).
 """
 
@@ -12,10 +11,8 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import BinaryIO
-from urllib.parse import urlparse
 
 from data_pipeline.errors import DataError
-from data_pipeline.storage.redaction import redact
 
 DEFAULT_MAX_RETRIES = 6
 DEFAULT_BACKOFF_SECONDS = 0.5
@@ -36,6 +33,14 @@ def count_retry(store: Store) -> None:
     with _retry_lock:
         _retries += 1
         store.retries += 1
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``(folder URL, name)`` for a URL to one object, e.g. ``s3://b/p/x.tar`` -> ``(s3://b/p, x.tar)``."""
+    head, _, name = url.rstrip("/").rpartition("/")
+    if not name or not head or head.endswith(":/"):
+        raise DataError(f"{url!r} does not name an object inside a folder or bucket")
+    return head, name
 
 
 class Store(ABC):
@@ -84,44 +89,6 @@ class Store(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
-
-
-def open_store(
-    url: str,
-    *,
-    max_retries: int = DEFAULT_MAX_RETRIES,
-    backoff_seconds: float = DEFAULT_BACKOFF_SECONDS,
-) -> Store:
-    """The store for a local path (or ``file://`` URL) or an ``s3://bucket/prefix`` URL."""
-    from data_pipeline.storage.local import LocalStore  # here: the stores import Store from this module
-    from data_pipeline.storage.s3 import S3Store
-
-    if not isinstance(url, str) or not url.strip():
-        raise DataError(f"empty data URL {url!r}: give a local folder or s3://bucket/prefix")
-    parsed = urlparse(url)
-    if redact(url) != url:
-        raise DataError(
-            f"{redact(url)} carries credentials: remove the user:password@ part (a URL ends up in logs and "
-            "in the config saved with checkpoints) and set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-        )
-    if parsed.scheme == "s3":
-        bucket, prefix = parsed.netloc, parsed.path.strip("/")
-        if not bucket:
-            raise DataError(f"no bucket in {url!r}: write s3://BUCKET/PREFIX")
-        return S3Store(bucket, prefix, max_retries=max_retries, backoff_seconds=backoff_seconds)
-    if parsed.scheme == "file":
-        return LocalStore(parsed.path)
-    if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
-        raise DataError(f"unsupported URL scheme in {url!r}: use a local path or s3://bucket/prefix")
-    return LocalStore(url)
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """``(folder URL, name)`` for a URL to one object, e.g. ``s3://b/p/x.tar`` -> ``(s3://b/p, x.tar)``."""
-    head, _, name = url.rstrip("/").rpartition("/")
-    if not name or not head or head.endswith(":/"):
-        raise DataError(f"{url!r} does not name an object inside a folder or bucket")
-    return head, name
 
 
 def _after_fork_in_child() -> None:

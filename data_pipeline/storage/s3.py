@@ -23,14 +23,13 @@ from typing import Any, BinaryIO, TypeVar
 
 import webdataset
 
-from data_pipeline.errors import DataError, ObjectNotFound
+from data_pipeline.errors import DataError, ObjectNotFound, first_line
 from data_pipeline.storage.base import (
     DEFAULT_BACKOFF_SECONDS,
     DEFAULT_MAX_RETRIES,
     READ_BUFFER_BYTES,
     Store,
     count_retry,
-    open_store,
     split_url,
 )
 from data_pipeline.storage.redaction import redact, scrub_credentials
@@ -235,7 +234,7 @@ class S3Store(Store):
         if permanent is not None:
             return permanent
         if attempt >= self.max_retries:
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            detail = first_line(exc)
             return DataError(f"cannot reach {url} after {self.max_retries} retries: {detail}")
         count_retry(self)
         time.sleep(self.backoff(attempt))
@@ -433,7 +432,8 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> Bina
     if mode != "rb":
         raise DataError(f"writing {url} through webdataset is not supported: use data_pipeline.storage")
     folder, name = split_url(url)
-    return open_store(folder).open_read(name)
+    bucket, _, prefix = folder.removeprefix("s3://").partition("/")
+    return S3Store(bucket, prefix.strip("/")).open_read(name)
 
 
 webdataset.gopen_schemes["s3"] = _gopen_s3

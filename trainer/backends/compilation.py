@@ -1,7 +1,7 @@
 """``trainer.compile``: the step's forward and backward passes through torch.compile, or eagerly.
 
-Compiling needs a code generator for the device (a C++ compiler for Inductor on the CPU, Triton on
-CUDA). Without one the run says so and trains eagerly; a graph that fails to compile later runs
+Compiling needs a code generator for the device (a C++ compiler for Inductor on the CPU, Triton and a
+C compiler on CUDA). Without one the run says so and trains eagerly; a graph that fails to compile later runs
 eagerly too (dynamo's ``suppress_errors``), so the option never stops a run. The modules themselves
 stay uncompiled (their state dicts and the EMA copy are the plain ones): the backend calls them
 through the compiled wrappers.
@@ -10,6 +10,8 @@ through the compiled wrappers.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Callable
 
 import torch
@@ -23,7 +25,15 @@ def compiler_missing(device: torch.device) -> str | None:
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
-        return None if has_triton() else "Triton is not installed"
+        if not has_triton():
+            return "Triton is not installed"
+        # Triton builds each kernel's launcher with the system's C compiler (CC, else cc, gcc, clang),
+        # which slim runtime images lack: every graph would then fail to compile and run eagerly.
+        if not (os.environ.get("CC") or any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))):
+            return (
+                "Triton finds no C compiler (it builds its kernel launchers with one; install gcc or set CC)"
+            )
+        return None
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 

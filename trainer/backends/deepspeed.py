@@ -114,6 +114,10 @@ class DeepSpeedBackend(GANBackend):
 
     def __init__(self, G: nn.Module, D: nn.Module, cfg: TrainerConfig, runtime: Runtime):
         check_supported(cfg)
+        if runtime.device.type == "cuda":
+            # DeepSpeed puts its engines on cuda:$LOCAL_RANK: make that this rank's device (init_runtime's
+            # choice), which differs where each rank sees one GPU (srun without torchrun).
+            os.environ["LOCAL_RANK"] = str(runtime.device.index)
         ensure_process_group(runtime)
         if cfg.channels_last:
             log.info(

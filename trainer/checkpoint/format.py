@@ -48,20 +48,53 @@ class CheckpointUnusable(CheckpointError):
     """A checkpoint that is missing, half-deleted or fails its checksums: resume falls back past it."""
 
 
-def snapshot(state: Any) -> Any:
-    """A copy of ``state`` whose tensors live on the CPU and share no memory with training.
+class HostBuffers:
+    """Pinned host tensors for the accelerator tensors of a snapshot, made at the first save and reused by
+    every later one (the state's tensors keep their shapes): the caching host allocator rounds each
+    pinned allocation up and never returns it, so a buffer per tensor per save would grow without end.
+    A save reuses them only after the previous one was written (``CheckpointWriter.save`` joins first)."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple, list[torch.Tensor]] = {}
+        self._taken: dict[tuple, int] = {}
+
+    def start(self) -> None:
+        """A new snapshot: every buffer is free again."""
+        self._taken.clear()
+
+    def like(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = (tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        pool, index = self._pools.setdefault(key, []), self._taken.get(key, 0)
+        if index == len(pool):
+            pool.append(
+                torch.empty_strided(
+                    tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=True
+                )
+            )
+        self._taken[key] = index + 1
+        return pool[index]
+
+
+def snapshot(state: Any, buffers: HostBuffers | None = None) -> Any:
+    """A copy of ``state`` whose tensors live on the CPU and share no memory with training; accelerator
+    tensors are copied into ``buffers`` (pinned, reused) when given, else into new pinned memory.
 
     Raises a CheckpointError, here in the loop rather than at resume, for anything ``torch.load(...,
     weights_only=True)`` would refuse.
     """
     on_accelerator: list[torch.Tensor] = []
+    if buffers is not None:
+        buffers.start()
 
     def copy(value: Any, where: str) -> Any:
         if isinstance(value, torch.Tensor):
             value = value.detach()
             if value.device.type == "cpu":
                 return value.clone()
-            host = torch.empty_like(value, device="cpu", pin_memory=torch.cuda.is_available())
+            if buffers is not None and value.device.type == "cuda":
+                host = buffers.like(value)
+            else:
+                host = torch.empty_like(value, device="cpu", pin_memory=torch.cuda.is_available())
             on_accelerator.append(host)
             return host.copy_(value, non_blocking=True)
         if type(value) in (dict, OrderedDict):

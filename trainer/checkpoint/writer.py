@@ -26,7 +26,14 @@ import torch
 
 from data_pipeline.errors import first_line
 from data_pipeline.storage import Store
-from trainer.checkpoint.format import LATEST_FILE, MANIFEST_FILE, STATE_FILE, CheckpointError, snapshot
+from trainer.checkpoint.format import (
+    LATEST_FILE,
+    MANIFEST_FILE,
+    STATE_FILE,
+    CheckpointError,
+    HostBuffers,
+    snapshot,
+)
 
 if TYPE_CHECKING:
     from trainer.observability.metrics import Metrics
@@ -77,6 +84,7 @@ class CheckpointWriter:
         self.committed = committed
         self._pending: _Save | None = None
         self._thread: threading.Thread | None = None
+        self.host_buffers = HostBuffers()  # reused by every save, once the previous one is written
 
     def save(self, step: int, state: dict[str, Any], manifest: dict[str, Any]) -> None:
         """Snapshot ``state`` and write it with ``manifest`` as ``step_<step>`` (after the previous save)."""
@@ -88,7 +96,7 @@ class CheckpointWriter:
                 previous.error,
                 step,
             )
-        job = _Save(step, snapshot(state), manifest, time.perf_counter())
+        job = _Save(step, snapshot(state, self.host_buffers), manifest, time.perf_counter())
         self._pending = job
         if not self.asynchronous:
             self._write(job)
