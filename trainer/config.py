@@ -54,6 +54,11 @@ class TrainerConfig:
     keep_host_memory: bool = (
         True  # glibc: freed host memory kept for the next step (trainer/runtime/host_memory.py)
     )
+    # No step completed for this long: every thread's stack to <run.dir>/diagnostics (runtime/watchdog.py);
+    # 0: max(300 s, 20 x the median step). on_stall: dump | restart (exit, torchrun restarts) | auto
+    # (restart under torchrun with --max-restarts > 0, else dump).
+    stall_seconds: float = 0.0
+    on_stall: str = "auto"
 
 
 @dataclass
@@ -91,6 +96,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.zero_stage": (0, 1, 2),
+    "trainer.on_stall": ("auto", "dump", "restart"),
 }
 POSITIVE = (
     "trainer.max_steps",
@@ -115,6 +121,7 @@ NON_NEGATIVE = (
     "trainer.nonfinite_max_reloads",
     "trainer.ema_start_step",
     "trainer.ema_rampup",
+    "trainer.stall_seconds",
 )
 
 

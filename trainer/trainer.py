@@ -38,6 +38,7 @@ from trainer.runtime.distributed import Runtime
 from trainer.runtime.host_memory import keep_freed_memory
 from trainer.runtime.nonfinite import Diverged, NonFiniteGuard
 from trainer.runtime.preemption import EXIT_SECONDS, Preempted, Preemption
+from trainer.runtime.watchdog import StallWatchdog
 
 log = logging.getLogger("trainer")
 
@@ -136,6 +137,15 @@ class Trainer:
             )
         self.control = ControlGroup(runtime, t.timeout_seconds)
         self.preemption = Preemption(t.preemption_grace_seconds)
+        self.watchdog = StallWatchdog(
+            runtime,
+            cfg.run.dir,
+            stall_seconds=t.stall_seconds,
+            on_stall=t.on_stall,
+            long_phase_seconds=t.timeout_seconds,
+            dumps_counter=self.metrics.stall_dumps,
+            last_step_gauge=self.metrics.last_step_timestamp,
+        )
         self.step = 0
         self.saved_step: int | None = None  # the step of the last checkpoint handed to the writer
         self.progress: tqdm | None = None
@@ -199,9 +209,10 @@ class Trainer:
     def save_checkpoint(self, fid: float | None = None) -> None:
         """Stalls every rank only for the snapshot; rank 0 writes it in the background (after the previous
         save, which every rank waits for in short collectives, never one as long as the upload)."""
-        self.control.wait_for_rank0(self.checkpointer.wait_until_idle)
-        started = time.perf_counter()
-        state = self.state_dict()
+        with self.watchdog.phase("checkpoint"):
+            self.control.wait_for_rank0(self.checkpointer.wait_until_idle)
+            started = time.perf_counter()
+            state = self.state_dict()
         if self.runtime.is_main:
             meta = {
                 "config": to_dict(self.cfg),
@@ -217,7 +228,8 @@ class Trainer:
     def wait_for_checkpoint(self, deadline: float | None = None) -> None:
         """Every rank: return once rank 0's last save is committed; raise its CheckpointError on every rank
         when it could not be (or, given a ``deadline`` in time.monotonic(), was not by then)."""
-        in_time = self._wait_for_writer(deadline)
+        with self.watchdog.phase("checkpoint"):
+            in_time = self._wait_for_writer(deadline)
         error = None
         if self.runtime.is_main:
             try:
@@ -280,9 +292,11 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------
     def train(self) -> None:
         self.preemption.install()
+        self.watchdog.start()  # stacks on a stall or SIGUSR1
         try:
             self._train()
         finally:
+            self.watchdog.stop()
             self.preemption.uninstall()
             if self.progress is not None:
                 self.progress.close()  # ends the bar's line: an error message after it starts its own
@@ -322,6 +336,7 @@ class Trainer:
             decay = ema_decay(self.step, decay=t.ema_decay, start_step=t.ema_start_step, rampup=t.ema_rampup)
             self.ema.update(self.backend.G, decay)
             self.step += 1
+            self.watchdog.mark_step(self.step)
             logging_step = self.step % t.log_interval == 0 or self.step == t.max_steps
             if logging_step:  # host synchronisations only when logging
                 self.metrics.nonfinite.inc(float(skipped))
@@ -419,7 +434,9 @@ class Trainer:
         checkpoint) goes on without its scores; what it needs was checked before the first step."""
         self.metrics.eval_running_since.set_to_current_time()
         try:
-            result = self.evaluator.evaluate(self.ema_with_own_statistics(), step=self.step, name="G-EMA")
+            with self.watchdog.phase("evaluation"):
+                G_ema = self.ema_with_own_statistics()
+                result = self.evaluator.evaluate(G_ema, step=self.step, name="G-EMA")
         except Exception as err:
             self.metrics.eval_failures.inc()
             log.error(

@@ -309,7 +309,7 @@ def test_stopped_worker_times_out_the_job(digits32, tmp_path):
     args = train_args(
         digits32, run_dir, "trainer.max_steps=1000000", f"trainer.timeout_seconds={COLLECTIVE_TIMEOUT}"
     )
-    agent = start(["launch/torchrun_single_node.sh", *args], NPROC_PER_NODE="2")
+    agent = start(["launch/torchrun_single_node.sh", *args], NPROC_PER_NODE="2", MAX_RESTARTS="0")
     wait_for(run_dir / "log", [agent])
     (stopped,) = [
         p for p in psutil.Process(agent.pid).children(recursive=True) if p.environ().get("RANK") == "1"

@@ -90,6 +90,14 @@ class Metrics:
             "Checkpoints reloaded after trainer.nonfinite_reload_after non-finite updates in a row",
             registry=r,
         )
+        self.stall_dumps = Counter(
+            "sagan_stall_dumps",
+            "Stack dumps for a stall (no step for trainer.stall_seconds) or SIGUSR1",
+            registry=r,
+        )
+        self.last_step_timestamp = Gauge(
+            "sagan_last_step_timestamp_seconds", "Wall time this rank last completed a step", registry=r
+        )
         self.world_size = Gauge("sagan_world_size", "Processes in the job", registry=r)
         self.eval = {
             key: Gauge(f"sagan_eval_{key}", text, ["extractor"], registry=r)

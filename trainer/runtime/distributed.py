@@ -190,12 +190,13 @@ def init_runtime(device: str = "auto", timeout_seconds: int = 600) -> Runtime:
         # A NCCL collective that fails or times out tears this rank down instead of hanging it.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_seconds)
         dist.init_process_group(
             backend,
-            init_method="env://",
+            store=_store_of_this_attempt(launch, timeout),
             rank=launch.rank,
             world_size=launch.world_size,
-            timeout=datetime.timedelta(seconds=timeout_seconds),
+            timeout=timeout,
             device_id=torch_device if torch_device.type == "cuda" else None,
         )
         log.info(
@@ -212,6 +213,33 @@ def init_runtime(device: str = "auto", timeout_seconds: int = 600) -> Runtime:
         launch.local_world_size,
         launch.restart_count,
     )
+
+
+def _store_of_this_attempt(launch: LaunchEnv, timeout: datetime.timedelta) -> dist.Store | None:
+    """The job's store for this generation of workers; None: ``init_process_group`` makes it (env://).
+
+    Under torchrun the workers share the elastic agent's TCPStore by default, and that store outlives
+    a restart: torch (2.5 on) adds no per-attempt prefix to it (pytorch/pytorch#135712), so a
+    restarted generation's groups read the dead generation's keys (gloo connects to their closed
+    ports: "connectFullMesh failed ... Connection refused", or waits forever). Every group of the job
+    is made from the default group's store, so one prefix by ``TORCHELASTIC_RESTART_COUNT`` scopes
+    them all. A scope already used (an agent whose count disagrees: a node that joined later) is
+    refused, naming the variable that avoids sharing, rather than left to hang.
+    """
+    if launch.launcher != "torchrun" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    scope = f"sagan/attempt_{launch.restart_count}"
+    joined = agent_store.add(f"{scope}/joined", 1)
+    if joined > launch.world_size:
+        raise ConfigError(
+            f"rank {launch.rank}: torchrun's shared store already holds restart attempt "
+            f"{launch.restart_count} of this job (its agents disagree on TORCHELASTIC_RESTART_COUNT): "
+            "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment"
+        )
+    return dist.PrefixStore(scope, agent_store)
 
 
 def no_cuda_reason() -> str:

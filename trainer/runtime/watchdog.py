@@ -1,0 +1,312 @@
+"""A stuck rank says where it is stuck: the stall watchdog, one daemon thread per rank.
+
+The loop's only part is ``mark_step(step)`` after every completed step (it stores a monotonic time and
+the step: no host sync, no collective) and ``phase(name)`` around the phases that may legitimately
+take long: ``checkpoint`` and ``evaluation``; the time before the first step is the phase
+``first step``. The thread, each ``POLL_SECONDS``:
+
+- publishes this rank's last completed step and phase in the job's store (``sagan/progress/<rank>``,
+  with a beat count that grows while this rank's process runs), so that any rank can tell who is behind;
+- when no step has completed for the stall deadline (``trainer.stall_seconds``; 0: max(300 s, 20 × the
+  median step) once steps are timed; in a long phase the collective timeout is added), writes every
+  thread's Python stack (``faulthandler``) and the ranks' progress to
+  ``<run.dir>/diagnostics/step_<N>/rank_<R>.txt`` (a local temp file, then uploaded; the temp file is
+  named instead when the upload does not finish in ``UPLOAD_SECONDS``), counts it, logs one line, and
+  under ``on_stall=restart`` ends this worker with ``STALL_EXIT_STATUS`` so that an elastic launcher
+  restarts the workers from the last checkpoint (under ``dump`` it goes on waiting, one dump a stall).
+
+``SIGUSR1`` dumps the same without stopping anything. Its Python handler does nothing: the signal
+reaches this thread through ``signal.set_wakeup_fd``, written by the C-level handler, so a main thread
+blocked inside a collective does not delay the dump.
+
+A rank is behind when its beat did not move during ``BEAT_CHECK_SECONDS`` (a frozen or lost process),
+or when its last completed step is below another's and did not move either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import json
+import logging
+import os
+import select
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import torch.distributed as dist
+
+from data_pipeline.storage import open_store
+from trainer.runtime.distributed import Runtime
+
+log = logging.getLogger("trainer")
+
+POLL_SECONDS = 1.0
+BEAT_CHECK_SECONDS = 3.0  # a beat unchanged this long: that rank's process is not running
+UPLOAD_SECONDS = 30.0
+MIN_AUTO_SECONDS = 300.0
+AUTO_MEDIANS = 20
+STALL_EXIT_STATUS = 75  # EX_TEMPFAIL: try again (from the last checkpoint)
+FIRST_STEP = "first step"
+
+
+def default_on_stall() -> str:
+    """``restart`` under an elastic launcher (torchrun with restarts left to give), else ``dump``."""
+    return "restart" if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 else "dump"
+
+
+class StallWatchdog:
+    def __init__(
+        self,
+        runtime: Runtime,
+        run_dir: str,
+        *,
+        stall_seconds: float = 0.0,
+        on_stall: str = "auto",
+        long_phase_seconds: float = 0.0,
+        dumps_counter: Any = None,
+        last_step_gauge: Any = None,
+    ):
+        self.runtime, self.run_dir = runtime, run_dir
+        self.stall_seconds = stall_seconds
+        self.on_stall = default_on_stall() if on_stall == "auto" else on_stall
+        self.long_phase_seconds = long_phase_seconds
+        self.dumps_counter, self.last_step_gauge = dumps_counter, last_step_gauge
+        self._last = (time.monotonic(), -1)  # (monotonic time, step) of the last completed step
+        self._phase = FIRST_STEP
+        self._step_seconds: deque[float] = deque(maxlen=101)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._wakeup: tuple[int, int] | None = None
+        self._previous_wakeup_fd = -1
+        self._previous_handler: Any = None
+        self._beats = 0
+        self.store = None
+        if runtime.distributed and dist.is_initialized():
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            self.store = _get_default_store()
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self._key_prefix = f"sagan/progress/{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}/{attempt}"
+
+    # --- the loop's side: stores only ------------------------------------------------------------
+    def mark_step(self, step: int) -> None:
+        self._last = (time.monotonic(), step)
+        self._phase = "step"
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """A phase that may take long (its time gets ``long_phase_seconds`` more); the clock restarts after."""
+        previous, self._phase = self._phase, name
+        try:
+            yield
+        finally:
+            self._last = (time.monotonic(), self._last[1])
+            self._phase = previous
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the threads (again after ``stop``); on the main thread also take SIGUSR1."""
+        self._stopping.clear()
+        if threading.current_thread() is threading.main_thread():
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            self._previous_handler = signal.signal(signal.SIGUSR1, lambda *_: None)
+            self._previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+            self._wakeup = (read_fd, write_fd)
+        self._last = (time.monotonic(), self._last[1])
+        for target, name in ((self._watch, "stall-watchdog"), (self._beat, "progress-beat")):
+            self._threads.append(threading.Thread(target=target, name=name, daemon=True))
+            self._threads[-1].start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(POLL_SECONDS + 1)
+        self._threads = []
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._previous_wakeup_fd)
+            signal.signal(signal.SIGUSR1, self._previous_handler or signal.SIG_DFL)
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
+
+    # --- the thread --------------------------------------------------------------------------------
+    def deadline_seconds(self) -> float | None:
+        """Seconds without a completed step that make a stall now; None: not yet known (auto, untimed)."""
+        if self.stall_seconds > 0:
+            base = self.stall_seconds
+        elif self._step_seconds:
+            base = max(MIN_AUTO_SECONDS, AUTO_MEDIANS * statistics.median(self._step_seconds))
+        else:
+            base = None
+        if self._phase == "step" or base is None:
+            return base
+        return base + self.long_phase_seconds
+
+    def _watch(self) -> None:
+        seen_at, seen_step = self._last
+        dumped_for: tuple[float, int] | None = None
+        while not self._stopping.is_set():
+            if self._signalled(POLL_SECONDS):
+                self.dump("SIGUSR1")
+            at, step = self._last
+            if step != seen_step and seen_step >= 0 and step > seen_step and at > seen_at:
+                self._step_seconds.append((at - seen_at) / (step - seen_step))
+            seen_at, seen_step = at, step
+            if self.last_step_gauge is not None and step >= 0:
+                self.last_step_gauge.set(time.time() - (time.monotonic() - at))
+            deadline = self.deadline_seconds()
+            idle = time.monotonic() - at
+            if deadline is None or idle < deadline or dumped_for == (at, step):
+                continue
+            dumped_for = (at, step)
+            self._on_stall(idle, step)
+
+    def _signalled(self, timeout: float) -> bool:
+        if self._wakeup is None:
+            self._stopping.wait(timeout)
+            return False
+        ready, _, _ = select.select([self._wakeup[0]], [], [], timeout)
+        if not ready:
+            return False
+        received = os.read(self._wakeup[0], 512)
+        return signal.SIGUSR1 in received
+
+    def _beat(self) -> None:
+        """Publish this rank's progress each POLL_SECONDS, whatever the other thread is doing."""
+        while self.store is not None and not self._stopping.wait(POLL_SECONDS):
+            self._beats += 1
+            record = json.dumps({"step": self._last[1], "phase": self._phase, "beat": self._beats})
+            with contextlib.suppress(dist.DistError, RuntimeError, ValueError):
+                self.store.set(f"{self._key_prefix}/{self.runtime.rank}", record)
+
+    def _on_stall(self, idle: float, step: int) -> None:
+        url, behind = self.dump(f"no step completed for {idle:.0f} s")
+        mine = {"step": step, "phase": self._phase}
+        rank, why, record = behind[0] if behind else (self.runtime.rank, "", mine)
+        also = "".join(f" (and rank {other})" for other, _, _ in behind[1:])
+        who = f"rank {rank}{also}"
+        log.error(
+            "%s has made no progress for %.0f s at step %d (in %s%s); stacks in %s",
+            who, idle, record.get("step", step), record.get("phase", "?"), f": {why}" if why else "", url,
+        )  # fmt: skip
+        if self.on_stall != "restart":
+            return
+        message = (
+            f"rank {self.runtime.rank}: stalled for {idle:.0f} s at step {step} (behind: {describe(behind) if behind else who}); exiting with "
+            f"status {STALL_EXIT_STATUS} so the launcher restarts the workers from the last checkpoint "
+            f"(trainer.on_stall=restart); stacks in {url}"
+        )
+        from trainer.runtime.coordination import record_for_launcher
+
+        print(f"\nsagan train: error: {message}", file=sys.stderr, flush=True)
+        record_for_launcher(message)
+        sys.stdout.flush()
+        os._exit(STALL_EXIT_STATUS)
+
+    def progress_of_ranks(self) -> dict[int, dict[str, Any]]:
+        """Every rank's published record, read twice ``BEAT_CHECK_SECONDS`` apart ("running": its beat moved)."""
+        if self.store is None:
+            return {}
+        keys = [f"{self._key_prefix}/{rank}" for rank in range(self.runtime.world_size)]
+
+        def read() -> dict[int, dict[str, Any]]:
+            found = {}
+            for rank, key in enumerate(keys):
+                with contextlib.suppress(dist.DistError, RuntimeError, ValueError):
+                    if self.store.check([key]):
+                        found[rank] = json.loads(self.store.get(key))
+            return found
+
+        first = read()
+        time.sleep(BEAT_CHECK_SECONDS)
+        second = read()
+        for rank, record in second.items():
+            before = first.get(rank, {})
+            record["running"] = before.get("beat") != record["beat"]
+            record["moved"] = before.get("step") != record["step"]
+        return second
+
+    def dump(self, reason: str) -> tuple[str, list[tuple[int, str, dict[str, Any]]]]:
+        """Write the stacks and the ranks' progress; (where they went, the ranks behind with why)."""
+        at, step = self._last
+        age, phase = time.monotonic() - at, self._phase  # when asked, before the ranks are read
+        progress = self.progress_of_ranks()
+        behind = ranks_behind(progress, self.runtime.world_size)
+        with tempfile.NamedTemporaryFile(
+            "w+b", prefix=f"sagan-stacks-rank{self.runtime.rank}-", suffix=".txt", delete=False
+        ) as out:
+            header = [
+                f"rank {self.runtime.rank} of {self.runtime.world_size}, pid {os.getpid()}: {reason}",
+                f"last completed step {step}, phase {phase}, {age:.1f} s ago",
+                "behind: " + describe(behind),
+                "ranks: " + json.dumps(progress, sort_keys=True),
+                "",
+            ]
+            out.write("\n".join(header).encode() + b"\n")
+            out.flush()
+            faulthandler.dump_traceback(file=out, all_threads=True)
+            out.flush()
+            out.seek(0)
+            data = out.read()
+        name = f"diagnostics/step_{max(step, 0)}/rank_{self.runtime.rank}.txt"
+        url = self._upload(name, data) or out.name
+        if url != out.name:
+            os.unlink(out.name)
+        if self.dumps_counter is not None:
+            self.dumps_counter.inc()
+        log.warning("rank %d: stacks (%s) in %s", self.runtime.rank, reason, url)
+        return url, behind
+
+    def _upload(self, name: str, data: bytes) -> str | None:
+        """The dump's URL under run.dir, or None when storage did not take it within UPLOAD_SECONDS."""
+        done: list[str] = []
+
+        def upload() -> None:
+            try:
+                store = open_store(self.run_dir)
+                store.write_bytes(name, data)
+                done.append(store.url_of(name))
+            except Exception as err:  # storage may be what hangs or fails: the temp file stays
+                log.error("rank %d: cannot write %s under %s: %s", self.runtime.rank, name, self.run_dir, err)
+
+        writer = threading.Thread(target=upload, name="stall-dump-upload", daemon=True)
+        writer.start()
+        writer.join(UPLOAD_SECONDS)
+        return done[0] if done else None
+
+
+def ranks_behind(
+    progress: dict[int, dict[str, Any]], world_size: int
+) -> list[tuple[int, str, dict[str, Any]]]:
+    """The ranks holding the others up: (rank, why, its record); not running, never heard of, or at an
+    older step than the newest one and not moving (in a healthy job a rank may be a step behind for a moment)."""
+    if not progress:
+        return []
+    newest = max(record["step"] for record in progress.values())
+    behind = []
+    for rank in range(world_size):
+        record = progress.get(rank)
+        if record is None:
+            behind.append((rank, "no progress published", {}))
+        elif not record.get("running", True):
+            behind.append((rank, "not running", record))
+        elif record["step"] < newest and not record.get("moved", False):  # sat still while others were ahead
+            behind.append((rank, f"others at step {newest}", record))
+    return behind
+
+
+def describe(behind: list[tuple[int, str, dict[str, Any]]]) -> str:
+    parts = [
+        f"rank {rank} ({why}, last at step {record.get('step', '?')} in {record.get('phase', '?')})"
+        for rank, why, record in behind
+    ]
+    return ", ".join(parts) or "none known"
