@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_pipeline.errors import DataError
@@ -194,6 +195,8 @@ CLI_CASES = {
     "bad checkpoint URL": (["checkpoint.url=gs://bucket/x"], "unsupported URL scheme in 'gs://bucket/x'"),
     "missing bucket": (["checkpoint.url=s3://no-such-bucket-here/c"], "S3 bucket 'no-such-bucket-here' does not exist"),
 }  # fmt: skip
+if not torch.cuda.is_available():  # a GPU pod without one: a line, never a silent CPU run
+    CLI_CASES["cuda without a GPU"] = (["trainer.device=cuda"], "trainer.device=cuda but ")
 
 
 @pytest.mark.slow
