@@ -43,10 +43,10 @@ TIMEOUT = 600
 pytestmark = pytest.mark.slow
 
 
-def run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run(command: list[str], env: dict[str, str] | None = None, cwd=ROOT) -> subprocess.CompletedProcess:
     result = subprocess.run(
         command,
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -251,7 +251,9 @@ def test_a_checkpoint_written_before_the_redesign_resumes_samples_and_evaluates(
 
     from data_pipeline.prepare import parse_size
 
-    data = tmp_path / "digits-32"  # the same dataset as first use prepared then: same manifest
+    # The same dataset as first use prepared then (same manifest), where the checkpoint's config names it
+    # (data/digits-32, relative: the commands below that read it from the checkpoint run in tmp_path).
+    data = tmp_path / "data" / "digits-32"
     prepare_digits(data, shard_size=parse_size("8MB"), seed=0)
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(BEFORE_REDESIGN, checkpoints)
@@ -281,7 +283,8 @@ def test_a_checkpoint_written_before_the_redesign_resumes_samples_and_evaluates(
     scores = tmp_path / "eval.json"
     evaluated = run(
         [SAGAN, "eval", "--checkpoint", str(checkpoints / "step_10"), "--num-samples", "64",
-         "--num-reference", "200", "--metrics", "fid,accuracy", "--out", str(scores)]
+         "--num-reference", "200", "--metrics", "fid,accuracy", "--out", str(scores)],
+        cwd=tmp_path,
     )  # fmt: skip
     assert_ok(evaluated)
     (result,) = json.loads(scores.read_text())
