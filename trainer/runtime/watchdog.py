@@ -128,6 +128,9 @@ class StallWatchdog:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._wakeup is not None:  # wake the watch thread's select now, not at its next poll: a run
+            with contextlib.suppress(OSError):  # ending inside its grace period must not wait a second
+                os.write(self._wakeup[1], b"\0")
         for thread in self._threads:
             thread.join(POLL_SECONDS + 1)
         self._threads = []
