@@ -12,7 +12,7 @@ METRICS = ("fid", "kid", "is", "accuracy")
 @dataclass
 class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: list(METRICS))  # []: no evaluation during training
-    interval_steps: int = 0  # during training: every N steps and at the last step; 0: the last step only
+    interval_steps: int = 500  # during training: every N steps and at the last step; 0: the last step only
     num_samples: int = 5000  # generated images per evaluation
     extractor: str = "classifier"  # classifier | efficientnet-lite0 | inception
     reference_url: str = ""  # real images to compare with (e.g. a test split); "" = data.url

@@ -1,5 +1,5 @@
 """The ``sagan`` command line: prepare data, train, evaluate, draw samples, export a generator, generate
-images, report on a run, submit to Kubernetes."""
+images, report on a run, dump a running job's stacks, submit to Kubernetes."""
 
 from __future__ import annotations
 
@@ -85,6 +85,12 @@ def _report_run(args: argparse.Namespace) -> int:
 
     print(f"wrote {write_report(args.run_url, args.out)}")
     return 0
+
+
+def _stacks(args: argparse.Namespace) -> int:
+    from launch.stacks_command import stacks
+
+    return stacks(args)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -235,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_url", metavar="RUN_URL", help="the run folder (run.dir): a local folder or s3://…")
     p.add_argument("--out", required=True, help="the folder to write (local or s3://…)")
     p.set_defaults(run=_report_run)
+
+    p = sub.add_parser(
+        "stacks",
+        help="every rank's stacks and collectives of a running job, without stopping it",
+        description="Asks the job writing to RUN_URL (its run.dir) for the stall watchdog's dump on every "
+        "rank: <run.dir>/diagnostics/request_<id>/rank_<R>.txt.",
+    )
+    p.add_argument("run_url", metavar="RUN_URL", help="the job's run folder (run.dir): local or s3://…")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for every rank (default 60)")
+    p.set_defaults(run=_stacks)
 
     submit.add_parsers(sub)
     return parser

@@ -133,14 +133,18 @@ def _data_line(data_url: str) -> str:
 
 
 def _evaluations(folder: str, cfg: Any, step: int) -> list[dict[str, Any]]:
-    """The evaluations of ``step`` in the checkpoint's run folder (``<run>/eval/step_<N>-<extractor>.json``)."""
-    run_dir = split_url(split_url(folder)[0])[0] if not cfg.checkpoint.url else cfg.run.dir
-    try:
-        store = open_store(run_dir)
-        names = store.list(f"eval/step_{step:07d}-")
-        return [row for name in names for row in json.loads(store.read_bytes(name))]
-    except (DataError, OSError, ValueError):
-        return []
+    """The evaluations of ``step`` in the checkpoint's run folder (``<run>/eval/step_<N>-<extractor>.json``):
+    the folder around ``<run>/checkpoints/step_<N>``, else the config's run.dir (checkpoints elsewhere)."""
+    around = split_url(split_url(folder)[0])[0]
+    for run_dir in dict.fromkeys([around, cfg.run.dir]):
+        try:
+            store = open_store(run_dir)
+            found = [json.loads(store.read_bytes(name)) for name in store.list(f"eval/step_{step:07d}-")]
+        except (DataError, OSError, ValueError):
+            continue
+        if found:  # ``sagan eval`` writes a list (one row per net), the trainer one result
+            return [row for rows in found for row in (rows if isinstance(rows, list) else [rows])]
+    return []
 
 
 def _evaluation_table(results: list[dict[str, Any]]) -> str:

@@ -25,10 +25,11 @@ from trainer.runtime.coordination import FailureNotice, record_for_launcher
 from trainer.runtime.distributed import Runtime, shutdown
 from trainer.runtime.nonfinite import Diverged
 from trainer.runtime.preemption import Preempted
+from trainer.runtime.watchdog import OutOfMemory
 
 log = logging.getLogger("sagan")
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, OSError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, OutOfMemory, ValueError, OSError)
 USER_ERROR_STATUS = 2
 
 

@@ -142,6 +142,14 @@ def status(args: argparse.Namespace) -> int:
         restarts = sum(c.restart_count for c in (pod.status.container_statuses or []))
         node = pod.spec.node_name or "-"
         print(f"  pod {pod.metadata.name}: {pod.status.phase}, node {node}, restarts {restarts}")
+    if args.stacks:
+        from launch.stacks_command import print_stacks
+
+        if "sagan/run-dir" not in annotations:
+            raise JobError(
+                f"{workload.kind} {args.name} was not submitted by sagan submit: it names no run folder"
+            )
+        return print_stacks(annotations["sagan/run-dir"], args.wait)
     return 0
 
 
@@ -374,6 +382,12 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("status", help="the state of a submitted job and its pods")
     p.add_argument("name")
+    p.add_argument(
+        "--stacks",
+        action="store_true",
+        help="also every rank's stacks and collectives, without stopping the job (see sagan stacks)",
+    )
+    p.add_argument("--wait", type=float, default=60.0, help="--stacks: seconds to wait for every rank")
     cluster_options(p)
     p.set_defaults(run=status)
 

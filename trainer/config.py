@@ -59,6 +59,10 @@ class TrainerConfig:
     # (restart under torchrun with --max-restarts > 0, else dump).
     stall_seconds: float = 0.0
     on_stall: str = "auto"
+    # CUDA: the out-of-memory snapshot (diagnostics/step_<N>/rank_<R>-memory.pickle) also holds the last N
+    # allocations with their Python stacks (torch.cuda.memory._record_memory_history); 0: the blocks alone,
+    # at no cost (recording takes host time at every allocation).
+    memory_history: int = 0
 
 
 @dataclass
@@ -122,6 +126,7 @@ NON_NEGATIVE = (
     "trainer.ema_start_step",
     "trainer.ema_rampup",
     "trainer.stall_seconds",
+    "trainer.memory_history",
 )
 
 

@@ -38,9 +38,14 @@ from trainer.runtime.distributed import Runtime
 from trainer.runtime.host_memory import keep_freed_memory
 from trainer.runtime.nonfinite import Diverged, NonFiniteGuard
 from trainer.runtime.preemption import EXIT_SECONDS, Preempted, Preemption
-from trainer.runtime.watchdog import StallWatchdog
+from trainer.runtime.watchdog import OutOfMemory, StallWatchdog
 
 log = logging.getLogger("trainer")
+
+# Where a rank is in its step, for the stall watchdog (on CUDA the host runs ahead of the device: a
+# dump's flight-recorder trace says which collective the device waits in).
+D_STEP = "D step: G's forward, D's forward and backward (all_reduce of D's gradients), Adam"
+G_STEP = "G step: G's and D's forward, backward (all_reduce of G's gradients), Adam, G-EMA"
 
 
 def ensure_dataset(cfg: Config, runtime: Runtime, prepare_into: str | None = None) -> None:
@@ -145,7 +150,11 @@ class Trainer:
             long_phase_seconds=t.timeout_seconds,
             dumps_counter=self.metrics.stall_dumps,
             last_step_gauge=self.metrics.last_step_timestamp,
+            deadline_gauge=self.metrics.stall_deadline,
         )
+        self.batch_shape: tuple[int, ...] | None = None  # this rank's last batch, for an out-of-memory dump
+        if t.memory_history and runtime.device.type == "cuda":
+            torch.cuda.memory._record_memory_history(max_entries=t.memory_history)
         self.step = 0
         self.saved_step: int | None = None  # the step of the last checkpoint handed to the writer
         self.progress: tqdm | None = None
@@ -295,6 +304,14 @@ class Trainer:
         self.watchdog.start()  # stacks on a stall or SIGUSR1
         try:
             self._train()
+        except torch.OutOfMemoryError as err:
+            step = self.step + 1
+            url = self.watchdog.dump_out_of_memory(err, step, self.batch_shape)
+            raise OutOfMemory(
+                f"{self.runtime.device} ran out of memory in step {step} with batches of shape "
+                f"{list(self.batch_shape or [])} per rank: lower trainer.global_batch_size (or use more "
+                f"GPUs); the memory snapshot and stacks are in {url}"
+            ) from None
         finally:
             self.watchdog.stop()
             self.preemption.uninstall()
@@ -320,16 +337,20 @@ class Trainer:
             started = time.perf_counter()
             data_wait = 0.0
             for phase in range(t.n_dis):
+                self.watchdog.at("data: the next batch")
                 fetch = time.perf_counter()
                 images, labels = next(batches)
+                self.batch_shape = tuple(images.shape)
                 data_wait += time.perf_counter() - fetch
                 real = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
                 y_real = labels.to(device, non_blocking=True)
                 z, y_fake = self._noise(phase)
+                self.watchdog.at(D_STEP)
                 d_update = self.backend.d_step(real, y_real, z, y_fake)
                 skipped += d_update.skipped
                 self.nonfinite.observe(d_update.skipped, self.step)
             z, y_fake = self._noise(t.n_dis)
+            self.watchdog.at(G_STEP)
             g_update = self.backend.g_step(z, y_fake)
             skipped += g_update.skipped
             self.nonfinite.observe(g_update.skipped, self.step)
@@ -349,12 +370,14 @@ class Trainer:
             )
             progress.update()
             if logging_step:
+                self.watchdog.at("logging (all_reduce of the losses)")
                 self._log(d_update.read(), g_update.read(), progress)
             if self.step % t.sample_interval == 0 or self.step == t.max_steps:
                 self._save_samples()
             fid = self.evaluate() if self._evaluation_due() else None
             if self.checkpointer.due(self.step, t.max_steps):
                 self.save_checkpoint(fid=fid)
+            self.watchdog.at("stop check (all_reduce of the stop signal, control group)")
             stop_signal = self.control.lagged_max(self.preemption.signum or 0)
             if stop_signal and self.step < t.max_steps:
                 progress.close()

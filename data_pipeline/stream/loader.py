@@ -4,8 +4,10 @@ its workers reading batches (``reader``), and keeps the position that ``state_di
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import os
 import signal
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.first_use import open_or_prepare
 from data_pipeline.gpu_jpeg import GpuJpegDecoder, gpu_jpeg_decoder
+from data_pipeline.stream import worker_stacks
 from data_pipeline.stream.order import Segment, SegmentPlanner, epoch_of
 from data_pipeline.stream.reader import BatchReader
 
@@ -150,7 +153,7 @@ class ShardStream:
             num_workers=self.cfg.num_workers,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
-            worker_init_fn=_leave_stop_signals_to_the_rank,
+            worker_init_fn=functools.partial(_init_worker, os.getpid()),
         )
         items = iter(loader)
         try:
@@ -268,8 +271,10 @@ class ShardStream:
             self.epoch = epoch
 
 
-def _leave_stop_signals_to_the_rank(_worker_id: int) -> None:
+def _init_worker(rank_pid: int, worker_id: int) -> None:
     """A SIGTERM or SIGINT sent to the whole process group (SLURM, a terminal) is the rank's to handle:
-    it finishes its step and then ends the loader, and with it this worker."""
+    it finishes its step and then ends the loader, and with it this worker. SIGUSR1 writes this
+    worker's stacks for the rank's stall watchdog (``worker_stacks``)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    worker_stacks.register(worker_id, rank_pid)

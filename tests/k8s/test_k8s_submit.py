@@ -636,3 +636,36 @@ def test_status_and_logs_of_a_submitted_job(api_server, capsys, tmp_path):
 
     code, _, err = run_cli(capsys, "status", "no-such-job", "--kubeconfig", kubeconfig)
     assert code == 2 and "no PyTorchJob or TrainJob named no-such-job in namespace research" in err
+
+
+def test_status_stacks_asks_the_running_job_for_every_ranks_stacks(api_server, capsys, tmp_path, digits_data):
+    """The job's run folder from its annotation; the ranks' own watchdogs answer (a real run, here on
+    this machine, in the folder the annotation names)."""
+    from tests.support.jobs import TINY, kill_session, start, wait_until
+    from trainer.checkpoint.checkpointer import Checkpointer
+
+    kubeconfig = str(api_server.kubeconfig(tmp_path / "kubeconfig"))
+    code, _, err = run_cli(
+        capsys, "submit", CLUSTER, "--nodes", "1", "--image", IMAGE, "--kubeconfig", kubeconfig
+    )
+    assert code == 0, err
+    run_dir = tmp_path / "run"
+    job_path = "/apis/kubeflow.org/v1/namespaces/research/pytorchjobs/sagan128"
+    api_server.objects[job_path]["metadata"]["annotations"]["sagan/run-dir"] = str(run_dir)
+    job = start(
+        [SAGAN, "train", *TINY, f"data.url={digits_data}", f"run.dir={run_dir}", "trainer.max_steps=100000",
+         "trainer.global_batch_size=8", "checkpoint.interval_steps=5"],
+        log=tmp_path / "train.log",
+    )  # fmt: skip
+    try:
+        checkpoints = Checkpointer(str(run_dir / "checkpoints"))
+        wait_until(lambda: (checkpoints.pointer() or 0) >= 5, "a checkpoint at step 5", [job], timeout=180)
+        code, out, err = run_cli(capsys, "status", "sagan128", "--stacks", "--kubeconfig", kubeconfig)
+        assert job.poll() is None  # it goes on
+    finally:
+        kill_session(job)
+    assert code == 0, err
+    assert f"stacks of 1 of 1 ranks in {run_dir}/diagnostics/request_" in out
+    (dump,) = run_dir.glob("diagnostics/request_*/rank_0.txt")
+    assert f"rank 0: {dump}" in out and "  last completed step " in out
+    assert "in _train" in dump.read_text()

@@ -199,3 +199,34 @@ def test_a_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
 def test_loading_a_folder_without_an_export_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="no exported generator at"):
         load_exported_generator(tmp_path)
+
+
+def test_the_model_card_holds_the_trainers_and_sagan_evals_evaluations_of_the_step(tmp_path, capsys):
+    """The trainer writes one result per file, ``sagan eval`` a list (one per net): both are read."""
+    checkpoint = checkpoint_with_attention(tmp_path / "run" / "checkpoints")
+    row = {"extractor": "classifier", "num_samples": 5000, "num_reference": 10000, "reference_url": "data/x"}
+    evals = tmp_path / "run" / "eval"
+    evals.mkdir()
+    (evals / "step_0000010-classifier.json").write_text(
+        json.dumps({"name": "G-EMA", **row, "metrics": {"fid": 2.77}})
+    )
+    (evals / "step_0000010-inception.json").write_text(
+        json.dumps([{"name": "G", **row, "extractor": "inception", "metrics": {"fid": 41.5}}])
+    )
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(tmp_path / "out"),
+                "--format",
+                "safetensors",
+            ]
+        )
+        == 0
+    )
+    card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert "| G-EMA | classifier | 5000 | 10000 of `data/x` | fid 2.77 |" in card
+    assert "| G | inception | 5000 | 10000 of `data/x` | fid 41.5 |" in card

@@ -81,6 +81,14 @@ def finish(process: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, st
 
 
 def kill_session(process: subprocess.Popen) -> None:
+    """The job and everything it started: torchrun starts each worker in a session of its own, which
+    killing the launcher's session does not reach (a frozen rank would stay, stopped, holding its port)."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
 

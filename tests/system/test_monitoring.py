@@ -15,8 +15,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.datasets import prepare_digits
 from tests.support.paths import ROOT
 from tests.support.ports import free_port
-from tests.support.tools import missing_tool
+from tests.support.prometheus import get_json, start_prometheus, stop, tool, wait_ready
 
 MONITORING = ROOT / "k8s" / "monitoring"
 DASHBOARD = MONITORING / "sagan-dashboard.json"
@@ -54,13 +52,6 @@ EVENT_ONLY = {
 EVALUATION_METRICS = {"sagan_eval_fid"}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless"}
 PROMQL_WORDS |= {"bool", "offset", "inf", "nan"}
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
-    if path is None:
-        missing_tool(f"{name} is not installed: apt-get install prometheus (Debian ships promtool with it)")
-    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,11 +213,6 @@ def test_the_dashboard_provisions_as_well_as_imports():
 # A live two-rank job scraped by Prometheus
 
 
-def get_json(url: str, timeout: float = 5) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
 def scrape_text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return response.read().decode()
@@ -252,18 +238,6 @@ class LiveJob:
         return answer["data"]["result"]
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture(scope="module")
 def live_job(tmp_path_factory) -> LiveJob:
     prometheus = tool("prometheus")
@@ -271,19 +245,8 @@ def live_job(tmp_path_factory) -> LiveJob:
     # Its own digits, not the session's digits_data: the job's evaluation caches its classifier and
     # reference features in the dataset folder.
     data = prepare_digits(root / "digits")
-    metrics_port, prometheus_port = free_port(span=2), free_port()
+    metrics_port = free_port(span=2)
     ports = [metrics_port, metrics_port + 1]
-    config = {
-        "global": {"scrape_interval": f"{SCRAPE_SECONDS}s", "evaluation_interval": f"{SCRAPE_SECONDS}s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [
-            {
-                "job_name": "sagan",
-                "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in ports]}],
-            }
-        ],
-    }
-    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = root / "processes.log"
     env = {
         **os.environ,
@@ -305,25 +268,11 @@ def live_job(tmp_path_factory) -> LiveJob:
             ],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        server = subprocess.Popen(
-            [
-                prometheus, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{prometheus_port}", "--log.level=warn",
-            ],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    live = LiveJob(ports, f"http://127.0.0.1:{prometheus_port}", job, server, log)
+    targets = [f"127.0.0.1:{port}" for port in ports]
+    server, url = start_prometheus(prometheus, root, targets, RULES, log, env, SCRAPE_SECONDS)
+    live = LiveJob(ports, url, job, server, log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            live.alive()
-            try:
-                with urllib.request.urlopen(f"{live.prometheus}/-/ready", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"prometheus was not ready within 60s:\n{log.read_text()[-4000:]}")
-                time.sleep(0.5)
+        wait_ready(url, {"torchrun": job, "prometheus": server}, log)
         yield live
     finally:
         stop(job)

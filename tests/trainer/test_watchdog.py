@@ -111,3 +111,74 @@ def test_on_stall_auto_restarts_only_under_an_elastic_launcher(monkeypatch):
     assert default_on_stall() == "dump"
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
     assert default_on_stall() == "restart"
+
+
+def test_the_parts_of_a_step_are_named_and_keep_the_steps_deadline():
+    from trainer.runtime.distributed import Runtime
+    from trainer.runtime.watchdog import StallWatchdog
+    from trainer.trainer import D_STEP, G_STEP
+
+    runtime = Runtime(0, 0, 1, torch.device("cpu"), "single")
+    watchdog = StallWatchdog(runtime, "unused", stall_seconds=5, on_stall="dump", long_phase_seconds=60)
+    watchdog.mark_step(1)
+    for where in ("data: the next batch", D_STEP, G_STEP):
+        watchdog.at(where)
+        assert watchdog.deadline_seconds() == 5
+    with watchdog.phase("checkpoint"):
+        assert watchdog.deadline_seconds() == 65
+    assert watchdog._phase == G_STEP  # back where it was
+
+
+OUT_OF_MEMORY_IN_STEP_3 = """
+import sys, torch
+from trainer.backends.base import GANBackend
+real_d_step, calls = GANBackend.d_step, []
+def d_step(self, *args):
+    calls.append(1)
+    if len(calls) == 3:
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
+        )
+    return real_d_step(self, *args)
+GANBackend.d_step = d_step
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_out_of_memory_in_a_step_leaves_the_step_the_batch_and_the_stacks_and_one_line(digits_data, tmp_path):
+    """The caching allocator's contract on CUDA: torch.OutOfMemoryError from inside the step. Here the
+    third D step raises it as CUDA's allocator would; the snapshot itself is CUDA's (tests/system/test_cuda.py)."""
+    import sys
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-c", OUT_OF_MEMORY_IN_STEP_3, "train", *train_command(digits_data, run_dir)[2:],
+               "checkpoint.interval_steps=2"]  # fmt: skip
+    code, output = finish(start(command))
+    assert code == 2, output[-3000:]
+    (line,) = [line for line in output.splitlines() if line.startswith("sagan train: error:")]
+    dump = run_dir / "diagnostics" / "step_3" / "rank_0.txt"
+    assert line == (
+        "sagan train: error: cpu ran out of memory in step 3 with batches of shape [8, 3, 32, 32] per rank: "
+        f"lower trainer.global_batch_size (or use more GPUs); the memory snapshot and stacks are in {dump}"
+    )
+    assert "Traceback" not in output
+    text = dump.read_text()
+    assert text.startswith("rank 0 of 1, pid ") and "out of memory on cpu" in text.splitlines()[0]
+    assert "in step 3, phase D step: " in text and "batch of shape [8, 3, 32, 32] per rank" in text
+    assert "memory snapshot: none (the allocator's snapshot is CUDA's; this ran on cpu)" in text
+    assert "Tried to allocate 20.00 GiB" in text and "in d_step" in text  # the error's own traceback
+    assert "in _watch" in text  # every thread's stack
+    assert not (run_dir / "checkpoints" / "step_3").exists()
+
+
+def test_sagan_stacks_where_no_job_runs_is_one_line_and_leaves_no_request(tmp_path, capsys):
+    from launch.cli import main
+
+    assert main(["stacks", str(tmp_path), "--wait", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"sagan stacks: error: no rank of a job writing to {tmp_path} answered within 1 s (rank 0 looks for "
+        f"requests every 5 s): is a run with run.dir={tmp_path} running?"
+    )
+    assert not (tmp_path / "diagnostics" / "request.json").exists()  # a job started later must not answer it

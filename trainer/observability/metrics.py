@@ -92,7 +92,12 @@ class Metrics:
         )
         self.stall_dumps = Counter(
             "sagan_stall_dumps",
-            "Stack dumps for a stall (no step for trainer.stall_seconds) or SIGUSR1",
+            "Stack dumps: a stall (no step for trainer.stall_seconds), SIGUSR1, a request, out of memory",
+            registry=r,
+        )
+        self.stall_deadline = Gauge(
+            "sagan_stall_deadline_seconds",
+            "Seconds without a completed step that the stall watchdog takes for a stall now (0: not yet known)",
             registry=r,
         )
         self.last_step_timestamp = Gauge(

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import ConfigError
+from trainer.runtime import collectives
 
 log = logging.getLogger("trainer")
 
@@ -189,6 +190,7 @@ def init_runtime(device: str = "auto", timeout_seconds: int = 600) -> Runtime:
             )
         # A NCCL collective that fails or times out tears this rank down instead of hanging it.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+        collectives.enable()  # the stall watchdog's dumps name the collective a rank waits in
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_seconds)
         dist.init_process_group(
