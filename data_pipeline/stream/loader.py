@@ -153,7 +153,7 @@ class ShardStream:
             num_workers=self.cfg.num_workers,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
-            worker_init_fn=functools.partial(_init_worker, os.getpid()),
+            worker_init_fn=functools.partial(_init_worker, os.getpid() if worker_stacks.wanted() else None),
         )
         items = iter(loader)
         try:
@@ -271,10 +271,11 @@ class ShardStream:
             self.epoch = epoch
 
 
-def _init_worker(rank_pid: int, worker_id: int) -> None:
+def _init_worker(rank_pid: int | None, worker_id: int) -> None:
     """A SIGTERM or SIGINT sent to the whole process group (SLURM, a terminal) is the rank's to handle:
     it finishes its step and then ends the loader, and with it this worker. SIGUSR1 writes this
-    worker's stacks for the rank's stall watchdog (``worker_stacks``)."""
+    worker's stacks for the rank's stall watchdog (``worker_stacks``), when the rank has one."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    worker_stacks.register(worker_id, rank_pid)
+    if rank_pid is not None:
+        worker_stacks.register(worker_id, rank_pid)

@@ -1,8 +1,8 @@
 """The stacks of a rank's DataLoader workers, for the stall watchdog: a reader blocked in a storage
 call sits in a worker process, where the rank's own stack dump cannot see it.
 
-Each worker (``register``, from its ``worker_init_fn``) has ``faulthandler`` write all its threads'
-stacks to its own file on ``SIGUSR1``, a C-level handler that runs whatever the worker's Python is
+Once the rank has a watchdog (``want``), each worker started from then on (``register``, from its
+``worker_init_fn``) has ``faulthandler`` write all its threads' stacks to its own file on ``SIGUSR1``, a C-level handler that runs whatever the worker's Python is
 doing. ``collect`` (in the rank) signals the rank's live workers and returns what they wrote.
 The files live in ``<tmp>/sagan-worker-stacks-<rank pid>/<worker id>-<worker pid>.txt``.
 """
@@ -23,6 +23,17 @@ SETTLE_SECONDS = 0.2  # a file that stopped growing this long holds the whole du
 WAIT_SECONDS = 3.0  # at most, for every worker together
 
 _file: IO[bytes] | None = None  # faulthandler writes to it from a signal handler: keep it open
+_wanted = False  # in the rank: a watchdog will collect (workers started meanwhile register)
+
+
+def want(on: bool = True) -> None:
+    """In the rank: whether DataLoader workers started from now on keep stacks for ``collect``."""
+    global _wanted
+    _wanted = on
+
+
+def wanted() -> bool:
+    return _wanted
 
 
 def folder(rank_pid: int | None = None) -> Path:
@@ -74,5 +85,6 @@ def collect(wait_seconds: float = WAIT_SECONDS) -> list[tuple[str, str]]:
 
 
 def forget() -> None:
-    """Remove this process's worker files (when training ends)."""
+    """No more collecting: remove this process's worker files (when training ends)."""
+    want(False)
     shutil.rmtree(folder(), ignore_errors=True)

@@ -152,6 +152,7 @@ class StallWatchdog:
             self._previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
             self._wakeup = (read_fd, write_fd)
         self._last = (time.monotonic(), self._last[1])
+        worker_stacks.want()  # the DataLoader workers started from now on keep their stacks for dumps
         threads = [(self._watch, "stall-watchdog"), (self._beat, "progress-beat")]
         if self.runtime.is_main:
             threads.append((self._watch_requests, "dump-requests"))
