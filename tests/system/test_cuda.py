@@ -203,23 +203,29 @@ def test_no_host_synchronisation_in_a_steady_state_step_on_cuda(digits, tmp_path
 
 
 def test_out_of_memory_leaves_the_allocators_snapshot_with_the_step_and_the_batch(digits, tmp_path):
-    """The caching allocator refuses the first step's memory (capped just above what the model holds):
-    a real CUDA out-of-memory error, with the allocation history recorded; the snapshot memory_viz reads."""
+    """The caching allocator refuses the first step's memory (capped 64 MiB above what the model and
+    its set-up hold; G's first activation at batch 1,024 and width 256 is 1 GiB): a real CUDA
+    out-of-memory error, with the allocation history recorded; the snapshot memory_viz reads."""
     import pickle
 
     from trainer.runtime.watchdog import OutOfMemory
 
-    trainer = trainer_for(digits, tmp_path, "trainer.max_steps=4", "trainer.memory_history=10000")
+    trainer = trainer_for(
+        digits, tmp_path, "trainer.max_steps=4", "trainer.memory_history=10000",
+        "trainer.global_batch_size=1024", "model.g_channels=256",
+    )  # fmt: skip
     total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 2**20) / total)
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 64 * 2**20) / total)
     try:
-        with pytest.raises(OutOfMemory, match=r"ran out of memory in step 1 with batches of shape \[8, "):
+        with pytest.raises(
+            OutOfMemory, match=r"ran out of memory in step 1 with batches of shape \[1024, 3, 32, 32\]"
+        ):
             trainer.train()
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.memory._record_memory_history(enabled=None)
     text = (tmp_path / "diagnostics" / "step_1" / "rank_0.txt").read_text()
-    assert "out of memory on cuda" in text and "CUDA out of memory" in text
+    assert "out of memory on cuda" in text and "CUDA out of memory" in text and "phase D step" in text
     assert "memory snapshot: " + str(tmp_path / "diagnostics" / "step_1" / "rank_0-memory.pickle") in text
     snapshot = pickle.loads((tmp_path / "diagnostics" / "step_1" / "rank_0-memory.pickle").read_bytes())
     assert snapshot["segments"] and snapshot["device_traces"][0]  # blocks, and the recorded allocations
