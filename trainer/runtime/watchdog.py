@@ -242,9 +242,10 @@ class StallWatchdog:
 
     def _watch_requests(self) -> None:
         """Rank 0: pass a dump asked for in ``<run.dir>/diagnostics/request.json`` on to every rank."""
+        store = None
         while not self._stopping.wait(REQUEST_POLL_SECONDS):
             try:
-                store = open_store(self.run_dir)
+                store = store or open_store(self.run_dir)
                 if not store.exists(REQUEST):
                     continue
                 request = json.loads(store.read_bytes(REQUEST))
